@@ -1,0 +1,30 @@
+"""vmbeam-kvm: zero-copy migration of QEMU/KVM guests between co-located VMs.
+
+The Python API is async; start with :class:`Host`.
+"""
+
+from .config import Accel, Settings
+from .errors import (
+                     BadInputError,
+                     DuplicateGuestError,
+                     GuestBusyError,
+                     LaunchError,
+                     MigrationError,
+                     QMPCommandError,
+                     RegionError,
+                     RegionMismatchError,
+                     UnknownGuestError,
+                     UnsafeStateError,
+                     VmbeamError,
+)
+from .guest import Guest, GuestStatus
+from .host import Host
+from .migration import MigrationMode, MigrationOptions, MigrationResult
+from .region import BeamRegion
+
+__all__ = [
+    "Accel", "BadInputError", "BeamRegion", "DuplicateGuestError", "Guest", "GuestBusyError",
+    "GuestStatus", "Host", "LaunchError", "MigrationError", "MigrationMode", "MigrationOptions",
+    "MigrationResult", "QMPCommandError", "RegionError", "RegionMismatchError", "Settings",
+    "UnknownGuestError", "UnsafeStateError", "VmbeamError",
+]

@@ -1,0 +1,53 @@
+"""Settings: where state lives, which QEMU and accelerator to use, where guest images are.
+
+Every field can be set from the environment (``VMBEAM_*``) so that the CLI, the tests and the
+Python API agree without passing options through every layer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from .errors import BadInputError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Accel(StrEnum):
+    """Accelerator choice; AUTO is resolved by a real probe (see :mod:`vmbeam_kvm.accel`)."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("VMBEAM_STATE_DIR", "/var/lib/vmbeam-kvm"))
+
+
+def _default_images_dir() -> Path:
+    return Path(os.environ.get("VMBEAM_IMAGES_DIR", str(REPO_ROOT / "build" / "images")))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide configuration of a vmbeam-kvm host."""
+
+    state_dir: Path = field(default_factory=_default_state_dir)
+    qemu_binary: str = field(
+        default_factory=lambda: os.environ.get("VMBEAM_QEMU", "qemu-system-x86_64"))
+    accel: Accel = field(default_factory=lambda: Accel(os.environ.get("VMBEAM_ACCEL", "auto")))
+    images_dir: Path = field(default_factory=_default_images_dir)
+
+    def resolve_qemu(self, binary: str | None = None) -> str:
+        """Return the absolute path of a QEMU binary, or raise a clear error."""
+        name = binary or self.qemu_binary
+        path = shutil.which(name)
+        if path is None:
+            raise BadInputError(f"QEMU binary {name!r} not found (install qemu-system-x86 or "
+                                f"pass an existing path)")
+        return path

@@ -1,0 +1,75 @@
+"""The vmbeam-kvm exception tree.
+
+Every error the package raises on purpose derives from :class:`VmbeamError`. Each class carries
+the CLI exit code that scripts rely on, so the command line maps failures without a table of its
+own:
+
+* 2 — bad input: nothing was changed;
+* 3 — a migration failed and the source guest is running again, memory intact;
+* 4 — an unsafe state that needs an operator (e.g. the destination died after the switch);
+* 1 — any other failure (QEMU would not start, a QMP command failed, ...).
+"""
+
+from __future__ import annotations
+
+
+class VmbeamError(Exception):
+    """Base of every vmbeam-kvm error."""
+
+    exit_code = 1
+
+
+class BadInputError(VmbeamError):
+    """The request is invalid; nothing was changed."""
+
+    exit_code = 2
+
+
+class UnknownGuestError(BadInputError):
+    """No guest of that name is known to the state store."""
+
+
+class DuplicateGuestError(BadInputError):
+    """A guest of that name already exists."""
+
+
+class GuestBusyError(BadInputError):
+    """The guest is already being migrated (or otherwise locked) by another command."""
+
+
+class LaunchError(VmbeamError):
+    """A QEMU process could not be started or did not come up."""
+
+
+class QMPCommandError(VmbeamError):
+    """A QMP command failed or the QMP connection broke."""
+
+
+class RegionError(VmbeamError):
+    """A beam region is missing, malformed, or not the one expected."""
+
+
+class RegionMismatchError(RegionError):
+    """A destination maps other memory than the guest's beam region (DESIGN §4.4)."""
+
+
+class MigrationError(VmbeamError):
+    """A migration failed.
+
+    ``source_resumed`` tells whether the source guest is known to be running again with its
+    memory intact (exit code 3); otherwise the state is unsafe and needs action (exit code 4).
+    """
+
+    def __init__(self, message: str, *, source_resumed: bool) -> None:
+        super().__init__(message)
+        self.source_resumed = source_resumed
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return 3 if self.source_resumed else 4
+
+
+class UnsafeStateError(VmbeamError):
+    """The guest's state could not be made safe automatically; an operator must act."""
+
+    exit_code = 4

@@ -1,0 +1,238 @@
+"""The host: the entry point of the Python API and of every CLI command.
+
+A :class:`Host` owns one state directory (store, sockets, logs) and starts, finds, stops and
+migrates the guests recorded there. Opening it resolves any migration that a crashed command
+left half-done, before anything else touches the guests.
+
+Example::
+
+    async with Host(Settings(accel=Accel.TCG)) as host:
+        async with await host.start_guest("web", memory="256M") as guest:
+            await guest.wait_ready()
+            result = await guest.migrate(MigrationOptions(mode=MigrationMode.ZERO_COPY))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+from pathlib import Path
+from types import TracebackType
+
+from .accel import resolve_accel
+from .config import Settings
+from .errors import BadInputError, QMPCommandError, UnknownGuestError
+from .guest import Guest, GuestStatus
+from .heartbeat import read_status
+from .migration import MigrationOptions, MigrationResult, migrate_local, recover
+from .qemu.machine import GuestImage, MachineSpec, RamBackend, build_argv
+from .qemu.process import ProcessRef, QemuProcess
+from .region import BeamRegion
+from .store import GuestRecord, GuestState, Store
+from .units import PAGE_SIZE, parse_percent, parse_size
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+MIN_MEMORY = 32 << 20
+_MAX_SOCKET_PATH = 107
+
+
+def mem_available() -> int:
+    """Host memory available for new guests (MemAvailable), in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable missing from /proc/meminfo")
+
+
+class Host:
+    """vmbeam-kvm on this machine: guests, their regions and their migrations."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self._store: Store | None = None
+        self._procs: dict[ProcessRef, QemuProcess] = {}
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("Host is not open: use `async with Host(...)`")
+        return self._store
+
+    async def __aenter__(self) -> Host:
+        self._store = Store(self.settings.state_dir)
+        try:
+            await self.recover()
+        except BaseException:
+            self._store.close()
+            self._store = None
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        for proc in list(self._procs.values()):
+            await proc.close()
+        self._procs.clear()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # -- processes ------------------------------------------------------------------------
+    def process(self, rec: GuestRecord) -> QemuProcess:
+        """The QEMU process that currently runs ``rec`` (re-attached if needed)."""
+        ref = ProcessRef(rec.pid, rec.pid_start)
+        proc = self._procs.get(ref)
+        if proc is None:
+            proc = QemuProcess.attach(ref, Path(rec.qmp_path), Path(rec.log_path))
+            self._procs[ref] = proc
+        return proc
+
+    def adopt(self, proc: QemuProcess) -> None:
+        """Keep a launched process's handle (and its Popen, for reaping)."""
+        self._procs[proc.ref] = proc
+
+    def forget(self, proc: QemuProcess) -> None:
+        self._procs.pop(proc.ref, None)
+
+    def instance_paths(self, name: str, instance: int) -> tuple[Path, Path, Path]:
+        """QMP socket, serial log and QEMU log of one QEMU instance of a guest."""
+        d = self.store.guest_dir(name)
+        qmp = d / f"qmp-{instance}.sock"
+        if len(str(qmp)) > _MAX_SOCKET_PATH:
+            raise BadInputError(f"state directory path too long for a unix socket: {qmp}")
+        return qmp, d / f"serial-{instance}.log", d / f"qemu-{instance}.log"
+
+    # -- guests ---------------------------------------------------------------------------
+    def validate_new_guest(self, name: str, memory: int) -> None:
+        if not _NAME_RE.match(name):
+            raise BadInputError(f"invalid guest name {name!r}: use 1-32 letters, digits, "
+                                f"'.', '_' or '-'")
+        if memory % PAGE_SIZE:
+            raise BadInputError(f"memory size {memory} is not a multiple of the page size "
+                                f"({PAGE_SIZE} bytes)")
+        if memory < MIN_MEMORY:
+            raise BadInputError(f"memory size {memory} is below the minimum of "
+                                f"{MIN_MEMORY >> 20} MiB")
+        avail = mem_available()
+        if memory > avail:
+            raise BadInputError(f"memory size {memory >> 20} MiB exceeds the host's available "
+                                f"memory ({avail >> 20} MiB)")
+        with contextlib.suppress(UnknownGuestError):
+            self.store.get_guest(name)
+            raise BadInputError(f"a guest named {name!r} already exists")
+
+    async def start_guest(self, name: str, memory: int | str, *, image: str = "test",
+                          touch: int | str = 70, qemu: str | None = None,
+                          backend: RamBackend = RamBackend.REGION) -> Guest:
+        """Start a guest whose RAM is a new beam region; returns once QEMU answers QMP."""
+        size = parse_size(memory)
+        pct = parse_percent(touch)
+        try:
+            img = GuestImage(image)
+        except ValueError:
+            raise BadInputError(f"unknown image {image!r}: use test or linux") from None
+        self.validate_new_guest(name, size)
+        qemu_path = self.settings.resolve_qemu(qemu)
+        accel = await resolve_accel(self.settings.accel, qemu_path, self.settings.images_dir,
+                                    self.settings.state_dir)
+        spec = MachineSpec(name, size, img, pct, accel, qemu_path, self.settings.images_dir,
+                           backend)
+        spec.boot_args()  # missing images are bad input: fail before recording anything
+        rec = GuestRecord(name=name, image=img.value, memory=size, touch=pct, accel=accel,
+                          qemu=qemu_path, state=GuestState.STARTING, backend=backend.value)
+        self.store.add_guest(rec)  # reserves the name atomically
+        try:
+            with self.store.lock_guest(name):
+                await self._launch(rec, spec)
+        except BaseException:
+            self.store.remove_guest(name)
+            shutil.rmtree(self.store.state_dir / "guests" / name, ignore_errors=True)
+            raise
+        return Guest(self, name)
+
+    async def _launch(self, rec: GuestRecord, spec: MachineSpec) -> None:
+        qmp, serial, qlog = self.instance_paths(rec.name, 0)
+        if spec.backend is RamBackend.REGION:
+            with BeamRegion.create(spec.memory, rec.name) as region:
+                argv = build_argv(spec, qmp_path=qmp, serial_path=serial, ram_fd=region.fd)
+                proc = await QemuProcess.launch(argv, qmp, qlog, pass_fds=[region.fd])
+                rec.region_id = region.region_id
+        else:
+            argv = build_argv(spec, qmp_path=qmp, serial_path=serial)
+            proc = await QemuProcess.launch(argv, qmp, qlog)
+        self.adopt(proc)
+        rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
+        rec.qmp_path, rec.serial_path, rec.log_path = str(qmp), str(serial), str(qlog)
+        rec.state = GuestState.RUNNING
+        self.store.update_guest(rec)
+
+    async def guest(self, name: str) -> Guest:
+        self.store.get_guest(name)
+        return Guest(self, name)
+
+    def guests(self) -> list[GuestRecord]:
+        return self.store.guests()
+
+    def spec_of(self, rec: GuestRecord, qemu: str | None = None) -> MachineSpec:
+        return MachineSpec(rec.name, rec.memory, GuestImage(rec.image), rec.touch, rec.accel,
+                           self.settings.resolve_qemu(qemu or rec.qemu),
+                           self.settings.images_dir, RamBackend(rec.backend))
+
+    async def status(self, name: str) -> GuestStatus:
+        rec = self.store.get_guest(name)
+        proc = self.process(rec) if rec.pid else None
+        alive = proc is not None and proc.alive()
+        if not alive and rec.state is GuestState.RUNNING:
+            # Died behind our back: record it rather than pretend.
+            rec.state = GuestState.LOST
+            self.store.update_guest(rec)
+        run_state = None
+        if alive and proc is not None:
+            with contextlib.suppress(QMPCommandError):
+                run_state = await proc.run_state()
+        serial = read_status(Path(rec.serial_path))
+        hb = serial.heartbeat
+        return GuestStatus(
+            name=rec.name, state=rec.state.value, image=rec.image, memory_bytes=rec.memory,
+            touch_percent=rec.touch, accel=rec.accel, pid=rec.pid, alive=alive,
+            run_state=run_state, booted=serial.booted, ready=serial.ready, heartbeat=hb,
+            memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
+            instance=rec.instance, serial_log=rec.serial_path)
+
+    async def stop_guest(self, name: str, *, missing_ok: bool = False) -> None:
+        """Quit the guest's QEMU (its region goes with it) and forget the guest."""
+        try:
+            rec = self.store.get_guest(name)
+        except UnknownGuestError:
+            if missing_ok:
+                return
+            raise
+        with self.store.lock_guest(name):
+            if rec.pid:
+                proc = self.process(rec)
+                await proc.quit()
+                self.forget(proc)
+            self.store.remove_guest(name)
+            shutil.rmtree(self.store.state_dir / "guests" / name, ignore_errors=True)
+
+    async def stop_all(self) -> None:
+        for rec in self.store.guests():
+            await self.stop_guest(rec.name, missing_ok=True)
+
+    # -- migration ------------------------------------------------------------------------
+    async def migrate(self, name: str, options: MigrationOptions | None = None
+                      ) -> MigrationResult:
+        """Move a running guest to a new QEMU process on this host."""
+        return await migrate_local(self, name, options or MigrationOptions())
+
+    async def recover(self) -> None:
+        """Resolve migrations left unfinished by a command that died."""
+        for mig in self.store.unfinished_migrations():
+            if self.store.guest_locked(mig.guest):
+                continue  # still in progress in another command
+            await recover(self, mig)

@@ -1,0 +1,89 @@
+"""The QEMU command line of a guest: machine, RAM backend, boot image, control sockets.
+
+Source and destination of a migration must agree on everything that shapes the migration
+stream (machine type, RAM backend id and size, ROMs loaded by ``-kernel``), so both are built
+from the same :class:`MachineSpec` and differ only in fds, sockets and ``-incoming``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from ..errors import BadInputError
+
+RAM_ID = "ram0"
+
+
+class GuestImage(StrEnum):
+    """Boot images built by ``images/``."""
+
+    TEST = "test"    # freestanding heartbeat/pattern guest (images/testguest)
+    LINUX = "linux"  # Debian cloud kernel (PVH vmlinux) + busybox initramfs (images/linux)
+
+
+class RamBackend(StrEnum):
+    """Where guest RAM comes from."""
+
+    REGION = "region"  # a vmbeam beam region (memfd) passed by fd
+    MEMFD = "memfd"    # QEMU's own memfd (memory-backend-memfd), for the cpr-transfer peer
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that defines a guest's virtual hardware."""
+
+    name: str
+    memory: int
+    image: GuestImage
+    touch: int
+    accel: str
+    qemu: str
+    images_dir: Path
+    backend: RamBackend = RamBackend.REGION
+
+    def boot_args(self) -> list[str]:
+        if self.image is GuestImage.TEST:
+            kernel = self.images_dir / "testguest.bin"
+            files = [kernel]
+            args = ["-kernel", str(kernel), "-append", f"touch={self.touch}"]
+        else:
+            kernel = self.images_dir / "linux" / "vmlinux"
+            initrd = self.images_dir / "linux" / "initrd.img"
+            files = [kernel, initrd]
+            args = ["-kernel", str(kernel), "-initrd", str(initrd),
+                    "-append", f"console=ttyS0 quiet touch={self.touch}"]
+        for f in files:
+            if not f.is_file():
+                raise BadInputError(f"guest image {f} is missing: run `make images`")
+        return args
+
+
+def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
+               ram_fd: int | None = None, incoming: list[str] | None = None) -> list[str]:
+    """QEMU argv for ``spec``; ``ram_fd`` is the region's fd number inside QEMU."""
+    machine = f"q35,memory-backend={RAM_ID}"
+    if spec.backend is RamBackend.REGION:
+        if ram_fd is None:
+            raise ValueError("a region-backed guest needs ram_fd")
+        # share=on is what makes x-ignore-shared skip the RAM (DESIGN §4.3).
+        ram = (f"memory-backend-file,id={RAM_ID},mem-path=/proc/self/fd/{ram_fd},"
+               f"size={spec.memory},share=on")
+    else:
+        ram = f"memory-backend-memfd,id={RAM_ID},size={spec.memory},share=on"
+        machine += ",aux-ram-share=on"
+    argv = [
+        spec.qemu, "-name", f"guest={spec.name},debug-threads=on",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-accel", spec.accel, "-machine", machine, "-m", f"{spec.memory}B",
+        "-object", ram,
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-chardev", f"file,id=serial0,path={serial_path}", "-serial", "chardev:serial0",
+    ]
+    if spec.accel == "kvm":
+        argv += ["-cpu", "host"]
+    argv += spec.boot_args()
+    for inc in incoming or []:
+        argv += ["-incoming", inc]
+    return argv

@@ -1,0 +1,260 @@
+"""A QEMU process and its QMP session.
+
+A :class:`QemuProcess` is either launched by us or re-attached to by pid (guests outlive the
+command that started them). A process is identified by pid *and* start time, so a recycled pid
+is never mistaken for the guest. QMP goes through ``qemu.qmp``; its errors become
+:class:`~vmbeam_kvm.errors.QMPCommandError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from ..errors import LaunchError, QMPCommandError
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """A process identity that survives pid reuse: pid plus kernel start time."""
+
+    pid: int
+    start_time: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef:
+        return cls(pid, _start_time(pid))
+
+    def alive(self) -> bool:
+        """True while the very process is running (not a zombie, not a recycled pid)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        fields = stat[stat.rindex(")") + 2:].split()
+        return fields[0] not in ("Z", "X") and int(fields[19]) == self.start_time
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError as exc:
+        raise LaunchError(f"process {pid} is gone") from exc
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages are split among their mappers, so sums are honest."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class QemuState(Enum):
+    """Lifecycle of a QemuProcess handle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+class QemuProcess:
+    """A running QEMU, launched or re-attached, with a lazily connected QMP session."""
+
+    def __init__(self, ref: ProcessRef, qmp_path: Path, log_path: Path,
+                 popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.ref = ref
+        self.qmp_path = qmp_path
+        self.log_path = log_path
+        self._popen = popen
+        self._qmp: QMPClient | None = None
+        self.state = QemuState.RUNNING if ref.alive() else QemuState.EXITED
+
+    @property
+    def pid(self) -> int:
+        return self.ref.pid
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    async def launch(cls, argv: Sequence[str], qmp_path: Path, log_path: Path, *,
+                     pass_fds: Sequence[int] = (), connect: bool = True,
+                     timeout: float = 20.0) -> QemuProcess:
+        """Start QEMU detached from our session (it outlives us) and connect to its QMP."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            qmp_path.unlink()
+        with open(log_path, "ab") as log:
+            log.write(f"# {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
+            log.flush()
+            try:
+                popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, pass_fds=tuple(pass_fds),
+                                         start_new_session=True)
+            except OSError as exc:
+                raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc
+        proc = cls(ProcessRef(popen.pid, _start_time(popen.pid)), qmp_path, log_path, popen)
+        proc.state = QemuState.STARTING
+        if connect:
+            try:
+                await proc.connect(timeout)
+            except BaseException:
+                proc.kill()
+                raise
+        return proc
+
+    @classmethod
+    def attach(cls, ref: ProcessRef, qmp_path: Path, log_path: Path) -> QemuProcess:
+        """Re-attach to a QEMU started by an earlier command (QMP connects on first use)."""
+        return cls(ref, qmp_path, log_path)
+
+    async def connect(self, timeout: float = 20.0) -> None:
+        """Wait for QEMU's QMP socket and negotiate; fail early if QEMU dies meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise LaunchError(f"QEMU exited during start-up: {self.log_tail()}")
+            if self.qmp_path.exists():
+                client = QMPClient(f"qemu-{self.pid}")
+                try:
+                    await client.connect(str(self.qmp_path))
+                except ConnectError:
+                    pass
+                else:
+                    self._qmp = client
+                    self.state = QemuState.RUNNING
+                    return
+            if time.monotonic() > deadline:
+                raise LaunchError(f"QEMU did not open its QMP socket within {timeout:.0f} s: "
+                                  f"{self.log_tail()}")
+            await asyncio.sleep(0.02)
+
+    def alive(self) -> bool:
+        if self._popen is not None and self._popen.poll() is not None:
+            return False
+        return self.ref.alive()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        tail = [t for t in text if not t.startswith("# ")][-lines:]
+        return " | ".join(tail) or "(log empty)"
+
+    async def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to exit; True if it did."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        self._reap()
+        return True
+
+    def _reap(self) -> None:
+        self.state = QemuState.EXITED
+        if self._popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout=1)
+
+    def kill(self) -> None:
+        """SIGKILL the process (if it is still the same process) and reap it."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self._drop_qmp()
+        if self._popen is not None:
+            self._popen.wait()
+        else:
+            for _ in range(200):
+                if not self.ref.alive():
+                    break
+                time.sleep(0.005)
+        self.state = QemuState.EXITED
+
+    async def quit(self, timeout: float = 10.0) -> None:
+        """Ask QEMU to quit over QMP; SIGKILL it if it does not exit in time."""
+        if self.alive():
+            with contextlib.suppress(QMPCommandError):
+                await self.execute("quit")
+            if not await self.wait_exit(timeout):
+                self.kill()
+        await self.close()
+        self._reap()
+
+    async def close(self) -> None:
+        """Disconnect QMP; the process keeps running."""
+        if self._qmp is not None:
+            client, self._qmp = self._qmp, None
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await client.disconnect()
+
+    def _drop_qmp(self) -> None:
+        # After a SIGKILL the session is dead; disconnecting later would only log noise.
+        if self._qmp is not None:
+            client, self._qmp = self._qmp, None
+            with contextlib.suppress(RuntimeError):
+                task = asyncio.get_running_loop().create_task(client.disconnect())
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def __aenter__(self) -> QemuProcess:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # -- QMP ------------------------------------------------------------------------------
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command; any failure becomes QMPCommandError."""
+        if self._qmp is None:
+            if not self.alive():
+                raise QMPCommandError(f"{cmd}: QEMU {self.pid} is not running")
+            try:
+                await self.connect(timeout=5)
+            except LaunchError as exc:
+                raise QMPCommandError(f"{cmd}: {exc}") from exc
+        assert self._qmp is not None
+        try:
+            return await self._qmp.execute(cmd, args)
+        except ExecuteError as exc:
+            raise QMPCommandError(f"{cmd}: {exc.error_class}: {exc}") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            self._drop_qmp()
+            raise QMPCommandError(f"{cmd}: QMP connection to QEMU {self.pid} failed: "
+                                  f"{exc!r}") from exc
+
+    async def run_state(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``inmigrate``, ``postmigrate``, ...)."""
+        status = await self.execute("query-status")
+        return str(status["status"])
