@@ -1,0 +1,77 @@
+"""Shared fixtures: a private state directory and Host per test, real QEMU under TCG."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from vmbeam_kvm import Accel, Guest, Host, Settings
+
+STATE_PREFIX = "vbt-"
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "vmbeam_kvm.cli"]
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """Live QEMU processes whose command line mentions ``marker`` (a state dir path)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and marker.encode() in cmd and ") Z" not in stat:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    # Short path under /tmp: QMP sockets live here (108-byte sun_path limit).
+    path = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(state_dir: Path) -> Settings:
+    return Settings(state_dir=state_dir, accel=Accel.TCG)
+
+
+@pytest.fixture
+async def host(settings: Settings) -> AsyncIterator[Host]:
+    async with Host(settings) as h:
+        try:
+            yield h
+        finally:
+            await h.stop_all()
+    leftover = qemu_pids(str(settings.state_dir))
+    for pid in leftover:
+        os.kill(pid, 9)
+    assert not leftover, f"QEMU processes left behind: {leftover}"
+
+
+@pytest.fixture
+async def guest(host: Host) -> AsyncIterator[Guest]:
+    """A running 256 MiB test guest, 70 % of its RAM filled and mutating."""
+    async with await host.start_guest("g1", "256M", touch=70) as g:
+        await g.wait_ready(timeout=60)
+        yield g
+
+
+def run_cli(state_dir: Path, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "VMBEAM_STATE_DIR": str(state_dir), "VMBEAM_ACCEL": "tcg",
+                **(env or {})}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)

@@ -1,0 +1,78 @@
+"""Pure logic: units, the serial protocol parser, the store, region identity pages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmbeam_kvm import BadInputError, BeamRegion, DuplicateGuestError, RegionMismatchError
+from vmbeam_kvm.heartbeat import read_status
+from vmbeam_kvm.region import read_identity
+from vmbeam_kvm.store import GuestRecord, GuestState, MigrationPhase, Store
+from vmbeam_kvm.units import format_size, parse_percent, parse_size
+
+
+def test_parse_size() -> None:
+    assert parse_size("256M") == 256 << 20
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("4096") == 4096
+    for bad in ("", "12X", "-1G", "1.00001K"):
+        with pytest.raises(BadInputError):
+            parse_size(bad)
+    assert format_size(1536 << 20) == "1536M"
+
+
+def test_parse_percent() -> None:
+    assert parse_percent("70%") == 70
+    assert parse_percent("0") == 0
+    for bad in ("96%", "x", "-5%"):
+        with pytest.raises(BadInputError):
+            parse_percent(bad)
+
+
+def test_serial_protocol(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    assert read_status(log).heartbeat is None
+    log.write_bytes(b"VMBEAM-TESTGUEST boot mem=1 touch=70 pages=2\nFILL 10%\n")
+    st = read_status(log)
+    assert st.booted and not st.ready and st.heartbeat is None
+    log.write_bytes(log.read_bytes() + b"READY pages=2 fill_ms=3\n"
+                    b"HB seq=7 round=1 cursor=5 bad=0 ok=1\nHB seq=8 round=1 cursor=9 bad=2 ok=0\n"
+                    b"HB seq=9 round=1 cur")  # a torn last line is ignored
+    st = read_status(log)
+    assert st.ready and st.heartbeat is not None
+    assert (st.heartbeat.seq, st.heartbeat.bad, st.heartbeat.ok) == (8, 2, False)
+
+
+def test_region_identity_and_seals() -> None:
+    with BeamRegion.create(1 << 20, "unit") as a, BeamRegion.create(1 << 20, "unit") as b:
+        ident = read_identity(a.fd)
+        assert ident == a.identity and ident.ram_size == 1 << 20 and ident.guest == "unit"
+        a.verify(read_identity(a.fd))
+        with pytest.raises(RegionMismatchError):
+            a.verify(b.identity)
+        with pytest.raises(PermissionError):
+            os.ftruncate(a.fd, 1 << 21)  # sealed: the size is part of the identity
+    with pytest.raises(BadInputError):
+        BeamRegion.create(4097, "odd")
+
+
+def test_store_roundtrip(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    rec = GuestRecord(name="a", image="test", memory=1 << 28, touch=70, accel="tcg",
+                      qemu="/usr/bin/qemu-system-x86_64", state=GuestState.RUNNING, pid=5)
+    store.add_guest(rec)
+    with pytest.raises(DuplicateGuestError):
+        store.add_guest(rec)
+    assert store.get_guest("a").state is GuestState.RUNNING
+    mid = store.begin_migration("a", "zero-copy", 5, 1)
+    assert [m.id for m in store.unfinished_migrations()] == [mid]
+    store.journal(mid, MigrationPhase.DONE, result={"x": 1})
+    assert store.unfinished_migrations() == []
+    with store.lock_guest("a"):
+        assert store.guest_locked("a")
+    assert not store.guest_locked("a")
+    store.close()

@@ -1,0 +1,147 @@
+"""The flat benchmark: zero-copy vs precopy vs QEMU's cpr-transfer, one host, one run.
+
+For each guest size the same kind of guest (``touch`` % of RAM filled and mutating) is moved
+``repeat`` times by each method. Every figure is reported as ``{"min", "median", "max"}`` over
+the repeats, so a JSON consumer never has to guess which statistic a number is.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .host import Host
+from .migration import MigrationMode, MigrationOptions, MigrationResult
+from .qemu.machine import RamBackend
+from .units import format_size
+
+FIGURES = ("total_ms", "downtime_ms", "ram_transferred_bytes", "peak_qemu_memory_bytes",
+           "qemu_cpu_seconds", "shared_frames_ratio")
+METHODS = (MigrationMode.ZERO_COPY, MigrationMode.PRECOPY, MigrationMode.CPR_TRANSFER)
+
+
+def summarize(values: Sequence[float | None]) -> dict[str, float | None] | None:
+    """min/median/max of the non-null values (None when every value is null)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
+
+
+@dataclass
+class BenchRow:
+    """All repeats of one method at one guest size."""
+
+    method: str
+    memory_bytes: int
+    results: list[MigrationResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"method": self.method, "memory_bytes": self.memory_bytes,
+                               "repeats": len(self.results)}
+        for fig in FIGURES:
+            row[fig] = summarize([getattr(r, fig) for r in self.results])
+        row["guest_ok"] = bool(self.results) and all(r.guest_ok for r in self.results)
+        return row
+
+
+async def bench_flat(host: Host, sizes: Sequence[int], *, repeat: int = 3, touch: int = 70,
+                     methods: Sequence[MigrationMode] = METHODS,
+                     progress: Callable[[str], None] = lambda _: None) -> list[BenchRow]:
+    """Run the flat benchmark; guests are named ``bench-<size>`` and stopped afterwards."""
+    rows: list[BenchRow] = []
+    for size in sizes:
+        by_method = {m: BenchRow(m.value, size) for m in methods}
+        # zero-copy and precopy move one region-backed guest; cpr-transfer needs QEMU's memfd.
+        for backend, group in ((RamBackend.REGION, [m for m in methods
+                                                    if m is not MigrationMode.CPR_TRANSFER]),
+                               (RamBackend.MEMFD, [m for m in methods
+                                                   if m is MigrationMode.CPR_TRANSFER])):
+            if not group:
+                continue
+            name = f"bench-{format_size(size)}-{backend.value}"
+            progress(f"{format_size(size)}: starting guest {name} ({touch}% touched)")
+            async with await host.start_guest(name, size, touch=touch,
+                                              backend=backend) as guest:
+                hb = await guest.wait_ready(timeout=120 + 30 * size / (1 << 30))
+                progress(f"{format_size(size)}: guest ready (seq {hb.seq})")
+                for i in range(repeat):
+                    for mode in group:
+                        res = await guest.migrate(MigrationOptions(mode=mode))
+                        by_method[mode].results.append(res)
+                        progress(f"{format_size(size)} {mode.value} #{i + 1}: "
+                                 f"{res.total_ms:.1f} ms, downtime {res.downtime_ms} ms, "
+                                 f"{res.ram_transferred_bytes / 1e6:.1f} MB, ok={res.guest_ok}")
+        rows.extend(by_method[m] for m in methods)
+    return rows
+
+
+def _fmt(summary: dict[str, float | None] | None, scale: float = 1.0, digits: int = 1) -> str:
+    if summary is None or summary["median"] is None:
+        return "—"
+    return f"{summary['median'] * scale:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[BenchRow]) -> str:
+    """Median figures per method and size, plus the ratios the project tracks."""
+    lines = ["| size | method | total ms | downtime ms | RAM sent MB | peak QEMU mem MB "
+             "| QEMU CPU s | shared frames | guest ok |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        j = row.to_json()
+        lines.append(
+            f"| {format_size(row.memory_bytes)} | {row.method} | {_fmt(j['total_ms'])} "
+            f"| {_fmt(j['downtime_ms'])} | {_fmt(j['ram_transferred_bytes'], 1e-6, 2)} "
+            f"| {_fmt(j['peak_qemu_memory_bytes'], 1e-6, 0)} "
+            f"| {_fmt(j['qemu_cpu_seconds'], 1, 2)} | {_fmt(j['shared_frames_ratio'], 1, 3)} "
+            f"| {j['guest_ok']} |")
+    lines += ["", *ratio_lines(rows)]
+    return "\n".join(lines)
+
+
+def ratio_lines(rows: Sequence[BenchRow]) -> list[str]:
+    """Zero-copy flatness (largest/smallest size) and precopy/zero-copy speed-up per size."""
+    med = {(r.method, r.memory_bytes): summarize([x.total_ms for x in r.results])
+           for r in rows}
+    out = []
+    zc = sorted((size, s["median"]) for (m, size), s in med.items()
+                if m == MigrationMode.ZERO_COPY.value and s and s["median"])
+    if len(zc) >= 2:
+        out.append(f"zero-copy total time {format_size(zc[-1][0])}/{format_size(zc[0][0])}: "
+                   f"{zc[-1][1] / zc[0][1]:.2f}x")
+    for size, zc_ms in zc:
+        pre = med.get((MigrationMode.PRECOPY.value, size))
+        if pre and pre["median"]:
+            out.append(f"precopy/zero-copy at {format_size(size)}: "
+                       f"{pre['median'] / zc_ms:.0f}x faster zero-copy")
+    return out
+
+
+def plot(rows: Sequence[BenchRow], path: Path) -> None:
+    """Total migration time (median, log scale) against guest size, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in dict.fromkeys(r.method for r in rows):
+        pts = [(r.memory_bytes / (1 << 30), summarize([x.total_ms for x in r.results]))
+               for r in rows if r.method == method]
+        got = [(x, {k: float(v or 0.0) for k, v in s.items()}) for x, s in pts if s]
+        xs = [x for x, _ in got]
+        ys = [s["median"] for _, s in got]
+        lo = [s["median"] - s["min"] for _, s in got]
+        hi = [s["max"] - s["median"] for _, s in got]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
+    ax.set_xlabel("guest memory (GiB)")
+    ax.set_ylabel("total migration time (ms, log)")
+    ax.set_yscale("log")
+    ax.set_title("vmbeam-kvm: local migration time vs guest size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
