@@ -17,6 +17,8 @@ from vmbeam_kvm import Accel, Guest, Host, Settings
 STATE_PREFIX = "vbt-"
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "vmbeam_kvm.cli"]
+# Open fds when the suite starts, so the last test can prove none leaked.
+FD_BASELINE = set(os.listdir("/proc/self/fd"))
 
 
 def qemu_pids(marker: str) -> list[int]:
