@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -58,25 +59,32 @@ async def test_destination_killed_before_switch(guest: Guest) -> None:
     await assert_source_healthy(guest, src)
 
 
-async def test_destination_killed_mid_precopy(host: Host) -> None:
-    async with await host.start_guest("mid", "512M", touch=70) as g:
+@pytest.fixture
+async def guest512(host: Host) -> AsyncIterator[Guest]:
+    """A 512 MiB guest: precopy of its ~360 MB takes long enough to interfere with."""
+    async with await host.start_guest("big", "512M", touch=70) as g:
         await g.wait_ready(timeout=60)
-        src = g.record.pid
-        task = asyncio.create_task(g.migrate(MigrationOptions(mode=MigrationMode.PRECOPY)))
-        # Wait until RAM is really streaming, then kill the destination.
-        for _ in range(2000):
-            info = await host.process(g.record).execute("query-migrate")
-            if info.get("status") == "active" and info["ram"]["transferred"] > 20 << 20:
-                break
-            await asyncio.sleep(0.005)
-        else:
-            pytest.fail("precopy never got going")
-        dst_pid = host.store.unfinished_migrations("mid")[0].dst_pid
-        os.kill(dst_pid, signal.SIGKILL)
-        with pytest.raises(MigrationError, match="destination QEMU died") as err:
-            await task
-        assert err.value.source_resumed
-        await assert_source_healthy(g, src)
+        yield g
+
+
+async def test_destination_killed_mid_precopy(guest512: Guest) -> None:
+    g, host = guest512, guest512.host
+    src = g.record.pid
+    task = asyncio.create_task(g.migrate(MigrationOptions(mode=MigrationMode.PRECOPY)))
+    # Wait until RAM is really streaming, then kill the destination.
+    for _ in range(2000):
+        info = await host.process(g.record).execute("query-migrate")
+        if info.get("status") == "active" and info["ram"]["transferred"] > 20 << 20:
+            break
+        await asyncio.sleep(0.005)
+    else:
+        pytest.fail("precopy never got going")
+    dst_pid = host.store.unfinished_migrations(g.name)[0].dst_pid
+    os.kill(dst_pid, signal.SIGKILL)
+    with pytest.raises(MigrationError, match="destination QEMU died") as err:
+        await task
+    assert err.value.source_resumed
+    await assert_source_healthy(g, src)
 
 
 async def test_destination_refuses_stream(guest: Guest) -> None:
@@ -93,15 +101,13 @@ async def test_destination_refuses_stream(guest: Guest) -> None:
     await assert_source_healthy(guest, src)
 
 
-async def test_timeout_before_switch(host: Host) -> None:
-    async with await host.start_guest("slow", "512M", touch=70) as g:
-        await g.wait_ready(timeout=60)
-        src = g.record.pid
-        with pytest.raises(MigrationError, match="timed out") as err:
-            # Precopy of ~360 MB cannot finish in 50 ms.
-            await g.migrate(MigrationOptions(mode=MigrationMode.PRECOPY, timeout=0.05))
-        assert err.value.source_resumed
-        await assert_source_healthy(g, src)
+async def test_timeout_before_switch(guest512: Guest) -> None:
+    src = guest512.record.pid
+    with pytest.raises(MigrationError, match="timed out") as err:
+        # Precopy of ~360 MB cannot finish in 50 ms.
+        await guest512.migrate(MigrationOptions(mode=MigrationMode.PRECOPY, timeout=0.05))
+    assert err.value.source_resumed
+    await assert_source_healthy(guest512, src)
 
 
 async def test_already_migrating_is_refused(guest: Guest) -> None:
