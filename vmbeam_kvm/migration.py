@@ -42,7 +42,7 @@ from .errors import (
 from .heartbeat import read_status, wait_for_heartbeat
 from .pagemap import FrameComparison, compare_frames, find_memfd_inode
 from .qemu.machine import RAM_ID, RamBackend, build_argv
-from .qemu.process import ProcessRef, QemuProcess, cpu_seconds, pss_bytes
+from .qemu.process import ProcessRef, QemuProcess, cpu_seconds, host_memory_bytes
 from .region import BeamRegion, read_identity_of
 from .store import GuestRecord, GuestState, MigrationPhase, MigrationRecord
 
@@ -108,7 +108,7 @@ class _Rollback(Exception):
 
 
 class _Sampler:
-    """Samples the summed PSS of the QEMU processes involved, to report the peak."""
+    """Samples the host memory held by the QEMU processes involved, to report the peak."""
 
     def __init__(self, procs: list[QemuProcess]) -> None:
         self.procs = procs
@@ -116,7 +116,7 @@ class _Sampler:
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
-        self.peak = max(self.peak, sum(pss_bytes(p.pid) for p in self.procs if p.alive()))
+        self.peak = max(self.peak, host_memory_bytes([p.pid for p in self.procs if p.alive()]))
 
     async def _run(self) -> None:
         while True:
@@ -410,7 +410,7 @@ class _LocalRun:
             await self._cpr_switch()
         deadline = time.monotonic() + self._timeout()
         dst_dead_at: float | None = None
-        delay = 0.0005
+        start, delay = time.monotonic(), 0.001
         while True:
             try:
                 info: dict[str, Any] = await self.src.execute("query-migrate")
@@ -434,7 +434,9 @@ class _LocalRun:
                 await self._cancel()
                 raise _Rollback(f"timed out after {self._timeout():.0f} s (status {status})")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            # Poll tightly while a zero-copy switch may finish (ms), back off for precopy.
+            if now - start > 2:
+                delay = min(delay * 2, 0.05)
 
     async def _cancel(self) -> None:
         with contextlib.suppress(QMPCommandError):

@@ -68,16 +68,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def pss_bytes(pid: int) -> int:
-    """Proportional set size: shared pages are split among their mappers, so sums are honest."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def host_memory_bytes(pids: list[int]) -> int:
+    """Host memory held by a group of QEMU processes, shared memory counted once.
+
+    Private and file-backed pages come from each process's PSS; guest RAM in a memfd is
+    counted by the memfd's allocated size, once per memfd, whether or not a process has the
+    pages mapped right now (a freshly migrated QEMU maps only what its guest touched since).
+    """
+    total = 0
+    memfds: dict[int, int] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith(("Pss_Anon:", "Pss_File:")):
+                        total += int(line.split()[1]) * 1024
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                path = f"/proc/{pid}/fd/{fd}"
+                with contextlib.suppress(OSError):
+                    if os.readlink(path).startswith("/memfd:"):
+                        st = os.stat(path)
+                        memfds[st.st_ino] = st.st_blocks * 512
+        except OSError:
+            continue  # the process exited meanwhile
+    return total + sum(memfds.values())
 
 
 class QemuState(Enum):
