@@ -108,3 +108,13 @@ async def test_guest_status_reports_heartbeat(host: Host, image: str) -> None:
         st = await g.status()
         assert st.booted and st.ready and st.memory_ok is True
         assert st.heartbeat is not None and st.heartbeat.seq >= hb.seq
+
+
+async def test_linux_guest_zero_copy_and_precopy(host: Host) -> None:
+    """The realistic guest: a Debian kernel with a memory workload, moved both ways."""
+    async with await host.start_guest("lnx", "256M", image="linux", touch=50) as g:
+        await g.wait_ready(timeout=120)
+        await check_zero_copy(g)
+        res = await g.migrate(MigrationOptions(mode=MigrationMode.PRECOPY))
+        assert res.guest_ok and res.ram_transferred_bytes > 100 * MiB
+        await check_zero_copy(g)

@@ -53,7 +53,8 @@ class MachineSpec:
             initrd = self.images_dir / "linux" / "initrd.img"
             files = [kernel, initrd]
             args = ["-kernel", str(kernel), "-initrd", str(initrd),
-                    "-append", f"console=ttyS0 quiet touch={self.touch}"]
+                    "-append", f"console=ttyS0 quiet cryptomgr.notests mitigations=off "
+                             f"touch={self.touch}"]
         for f in files:
             if not f.is_file():
                 raise BadInputError(f"guest image {f} is missing: run `make images`")
@@ -75,7 +76,9 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
         machine += ",aux-ram-share=on"
     argv = [
         spec.qemu, "-name", f"guest={spec.name},debug-threads=on",
-        "-nodefaults", "-no-user-config", "-display", "none",
+        # -no-reboot: a guest whose memory was destroyed must stop, not silently reboot
+        # and restart its heartbeat sequence.
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-accel", spec.accel, "-machine", machine, "-m", f"{spec.memory}B",
         "-object", ram,
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
