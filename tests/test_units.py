@@ -76,3 +76,10 @@ def test_store_roundtrip(tmp_path: Path) -> None:
         assert store.guest_locked("a")
     assert not store.guest_locked("a")
     store.close()
+
+
+def test_region_pow2_layout() -> None:
+    with BeamRegion.create(256 << 20, "bar", pow2=True) as r:
+        assert r.size == 512 << 20  # a PCI BAR must be a power of two
+        assert read_identity(r.fd) == r.identity
+        assert os.fstat(r.fd).st_blocks * 512 <= 8192  # the padding costs nothing

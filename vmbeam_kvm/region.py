@@ -2,9 +2,10 @@
 
 A region is created and owned by vmbeam-kvm and handed to QEMU by file descriptor, so nothing
 is left in ``/dev/shm``; it lives as long as any holder (us or a QEMU) keeps it open. The memfd
-is one page longer than the guest RAM: that trailing page carries the region's *identity*
-(magic, UUID, RAM size, guest name). Before a switch, the identity is read back through the
-destination QEMU's own file descriptor, so a destination that maps other memory is refused
+is at least one page longer than the guest RAM: its last page carries the region's *identity*
+(magic, UUID, RAM size, guest name). Regions meant for cloud VMs are rounded up to a power of
+two, because they are exposed there as a PCI BAR. Before a switch, the identity is read back
+through the destination's own mapping, so a destination that maps other memory is refused
 (DESIGN §4.4) instead of silently running on zeros.
 """
 
@@ -34,9 +35,14 @@ class RegionIdentity:
     guest: str
     inode: int
 
-    @property
-    def memfd_size(self) -> int:
-        return self.ram_size + PAGE_SIZE
+
+def parse_identity(page: bytes, total_size: int, inode: int = 0) -> RegionIdentity:
+    """Decode an identity page read from the end of a region of ``total_size`` bytes."""
+    magic, rid, ram_size, name = _HEADER.unpack(page[:_HEADER.size])
+    if magic != _MAGIC or ram_size + PAGE_SIZE > total_size:
+        raise RegionError("memory has no beam-region identity page")
+    return RegionIdentity(str(uuid.UUID(bytes=rid)), ram_size,
+                          name.rstrip(b"\0").decode(), inode)
 
 
 def read_identity(fd: int) -> RegionIdentity:
@@ -44,12 +50,8 @@ def read_identity(fd: int) -> RegionIdentity:
     st = os.fstat(fd)
     if st.st_size < PAGE_SIZE * 2:
         raise RegionError(f"file of {st.st_size} bytes is not a beam region")
-    raw = os.pread(fd, _HEADER.size, st.st_size - PAGE_SIZE)
-    magic, rid, ram_size, name = _HEADER.unpack(raw)
-    if magic != _MAGIC or ram_size + PAGE_SIZE != st.st_size:
-        raise RegionError("memory has no beam-region identity page")
-    return RegionIdentity(str(uuid.UUID(bytes=rid)), ram_size,
-                          name.rstrip(b"\0").decode(), st.st_ino)
+    return parse_identity(os.pread(fd, _HEADER.size, st.st_size - PAGE_SIZE), st.st_size,
+                          st.st_ino)
 
 
 def read_identity_of(pid: int, fd: int) -> RegionIdentity:
@@ -77,17 +79,24 @@ class BeamRegion:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def create(cls, ram_size: int, guest: str) -> BeamRegion:
-        """Create a new region for ``guest`` with ``ram_size`` bytes of RAM."""
+    def create(cls, ram_size: int, guest: str, *, pow2: bool = False) -> BeamRegion:
+        """Create a new region for ``guest`` with ``ram_size`` bytes of RAM.
+
+        ``pow2`` rounds the memfd up to a power of two (a PCI BAR's size); the pages between
+        the RAM and the identity page are never touched, so they cost no memory.
+        """
         if ram_size <= 0 or ram_size % PAGE_SIZE:
             raise BadInputError(f"memory size {ram_size} is not a positive multiple of "
                                 f"the page size ({PAGE_SIZE})")
+        total = ram_size + PAGE_SIZE
+        if pow2:
+            total = 1 << (total - 1).bit_length()
         rid = uuid.uuid4()
         fd = os.memfd_create(f"vmbeam-{guest}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(fd, ram_size + PAGE_SIZE)
+            os.ftruncate(fd, total)
             os.pwrite(fd, _HEADER.pack(_MAGIC, rid.bytes, ram_size, guest.encode()[:64]),
-                      ram_size)
+                      total - PAGE_SIZE)
             # The size is part of the identity: nobody may shrink (SIGBUS) or grow it.
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
                         | fcntl.F_SEAL_SEAL)
@@ -128,6 +137,11 @@ class BeamRegion:
     @property
     def ram_size(self) -> int:
         return self.identity.ram_size
+
+    @property
+    def size(self) -> int:
+        """Size of the whole memfd (RAM, unused padding, identity page)."""
+        return os.fstat(self.fd).st_size
 
     def verify(self, other: RegionIdentity) -> None:
         """Raise :class:`RegionMismatchError` unless ``other`` is this very region."""

@@ -26,7 +26,7 @@ class GuestImage(StrEnum):
 class RamBackend(StrEnum):
     """Where guest RAM comes from."""
 
-    REGION = "region"  # a vmbeam beam region (memfd) passed by fd
+    REGION = "region"  # a beam region: a memfd passed by fd, or (in a cloud VM) its PCI BAR
     MEMFD = "memfd"    # QEMU's own memfd (memory-backend-memfd), for the cpr-transfer peer
 
 
@@ -54,7 +54,7 @@ class MachineSpec:
             files = [kernel, initrd]
             args = ["-kernel", str(kernel), "-initrd", str(initrd),
                     "-append", f"console=ttyS0 quiet cryptomgr.notests mitigations=off "
-                             f"touch={self.touch}"]
+                             f"panic=-1 touch={self.touch}"]
         for f in files:
             if not f.is_file():
                 raise BadInputError(f"guest image {f} is missing: run `make images`")
@@ -62,15 +62,22 @@ class MachineSpec:
 
 
 def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
-               ram_fd: int | None = None, incoming: list[str] | None = None) -> list[str]:
-    """QEMU argv for ``spec``; ``ram_fd`` is the region's fd number inside QEMU."""
+               ram_fd: int | None = None, ram_path: str | None = None, ram_offset: int = 0,
+               incoming: list[str] | None = None) -> list[str]:
+    """QEMU argv for ``spec``.
+
+    A region is given either as ``ram_fd`` (the memfd's fd number inside QEMU) or as
+    ``ram_path`` + ``ram_offset`` (inside a cloud VM: ``/dev/mem`` at the region's BAR).
+    """
     machine = f"q35,memory-backend={RAM_ID}"
     if spec.backend is RamBackend.REGION:
-        if ram_fd is None:
-            raise ValueError("a region-backed guest needs ram_fd")
+        if ram_fd is not None:
+            ram_path = f"/proc/self/fd/{ram_fd}"
+        if ram_path is None:
+            raise ValueError("a region-backed guest needs ram_fd or ram_path")
         # share=on is what makes x-ignore-shared skip the RAM (DESIGN §4.3).
-        ram = (f"memory-backend-file,id={RAM_ID},mem-path=/proc/self/fd/{ram_fd},"
-               f"size={spec.memory},share=on")
+        ram = (f"memory-backend-file,id={RAM_ID},mem-path={ram_path},size={spec.memory},"
+               f"share=on" + (f",offset={ram_offset}" if ram_offset else ""))
     else:
         ram = f"memory-backend-memfd,id={RAM_ID},size={spec.memory},share=on"
         machine += ",aux-ram-share=on"

@@ -1,0 +1,112 @@
+"""The agent wire protocol: JSON lines over the cloud VM's virtio-serial channel.
+
+Request ``{"id": N, "op": NAME, "args": {...}}``; reply ``{"id": N, "ok": true, "result": ...}``
+or ``{"id": N, "ok": false, "error": TEXT, "type": ERROR_CLASS}``. Ids pair replies with
+requests, so stale lines left in the channel by an earlier session are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ..errors import VmbeamError
+
+PORT_NAME = "org.vmbeam.agent"
+
+
+class AgentError(VmbeamError):
+    """The agent refused a request, failed it, or could not be reached."""
+
+    def __init__(self, message: str, remote_type: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+class AgentClient:
+    """L0 side of one cloud VM's agent channel (a unix socket served by the L1 QEMU)."""
+
+    def __init__(self, path: Path, name: str = "") -> None:
+        self.path = path
+        self.name = name or path.parent.name
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._ids = itertools.count(int(time.time() * 1000) % 10**9)
+        self._lock = asyncio.Lock()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    str(self.path), limit=1 << 22)
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise AgentError(f"cannot reach the agent of {self.name}: {exc}") from exc
+                await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+            self._reader = self._writer = None
+
+    async def __aenter__(self) -> AgentClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def call(self, op: str, timeout: float = 60.0, **args: Any) -> Any:
+        """Send one request and wait for its reply (requests on one channel are serialised)."""
+        async with self._lock:
+            if self._writer is None:
+                await self.connect()
+            assert self._reader is not None and self._writer is not None
+            req_id = next(self._ids)
+            self._writer.write(encode({"id": req_id, "op": op, "args": args}))
+            await self._writer.drain()
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        line = await self._reader.readline()
+                        if not line:
+                            raise AgentError(f"agent of {self.name} closed the channel")
+                        with contextlib.suppress(ValueError):
+                            reply = json.loads(line)
+                            if isinstance(reply, dict) and reply.get("id") == req_id:
+                                break
+            except TimeoutError:
+                await self.close()  # the late reply must not be taken for the next one
+                raise AgentError(f"agent of {self.name} did not answer {op} within "
+                                 f"{timeout:.0f} s") from None
+        if not reply.get("ok"):
+            raise AgentError(f"{self.name}: {op}: {reply.get('error')}", reply.get("type", ""))
+        return reply.get("result")
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Wait until the agent answers ``ping`` (the cloud VM has booted)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                result: dict[str, Any] = await self.call("ping", timeout=3)
+                return result
+            except AgentError:
+                if time.monotonic() > deadline:
+                    raise
+                await self.close()
+                await asyncio.sleep(0.5)

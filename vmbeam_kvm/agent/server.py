@@ -1,0 +1,231 @@
+"""The agent inside a cloud VM (L1): runs guests (L2) whose RAM is a region L0 attached.
+
+L0 hot-plugs a beam region into this VM as an ``ivshmem-plain`` PCI device; its BAR2 *is* the
+region. The agent finds regions by the identity page at the BAR's end, starts L2 QEMUs with
+``mem-path=/dev/mem,offset=<BAR2>`` (write-back: the BAR sits above 4 GiB, DESIGN §4.10), and
+passes QMP commands through for L0's migration orchestrator. Everything arrives over the
+virtio-serial port, which only L0 can reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import mmap
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInputError, RegionError, VmbeamError
+from ..heartbeat import read_status
+from ..qemu.machine import GuestImage, MachineSpec, build_argv
+from ..qemu.process import QemuProcess
+from ..region import RegionIdentity, parse_identity
+from ..units import PAGE_SIZE
+from .protocol import PORT_NAME, encode
+
+log = logging.getLogger("vmbeam-agent")
+
+IVSHMEM_IDS = ("0x1af4", "0x1110")
+
+
+@dataclass(frozen=True)
+class MappedRegion:
+    """A beam region as this cloud VM sees it: a PCI device and its BAR2 window."""
+
+    pci: str
+    bar_start: int
+    bar_size: int
+    identity: RegionIdentity
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pci": self.pci, "bar_start": self.bar_start, "bar_size": self.bar_size,
+                "region_id": self.identity.region_id, "ram_size": self.identity.ram_size,
+                "guest": self.identity.guest}
+
+
+def _read_phys(addr: int, length: int) -> bytes:
+    fd = os.open("/dev/mem", os.O_RDONLY | os.O_SYNC)
+    try:
+        with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=addr) as m:
+            return bytes(m[:length])
+    finally:
+        os.close(fd)
+
+
+def scan_regions(sysfs: Path = Path("/sys/bus/pci/devices")) -> list[MappedRegion]:
+    """Every ivshmem device whose BAR2 ends in a beam-region identity page."""
+    found = []
+    for dev in sorted(sysfs.iterdir()):
+        try:
+            ids = ((dev / "vendor").read_text().strip(), (dev / "device").read_text().strip())
+            if ids != IVSHMEM_IDS:
+                continue
+            start, end, _flags = (int(x, 16) for x in
+                                  (dev / "resource").read_text().splitlines()[2].split())
+        except (OSError, IndexError, ValueError):
+            continue
+        if start == 0:
+            continue  # BAR not assigned (yet)
+        size = end - start + 1
+        try:
+            ident = parse_identity(_read_phys(start + size - PAGE_SIZE, PAGE_SIZE), size)
+        except (RegionError, OSError) as exc:
+            log.warning("ivshmem %s: no region identity: %s", dev.name, exc)
+            continue
+        found.append(MappedRegion(dev.name, start, size, ident))
+    return found
+
+
+@dataclass
+class L2Guest:
+    """A guest running in this cloud VM."""
+
+    name: str
+    proc: QemuProcess
+    serial: Path
+    region: MappedRegion
+
+
+class Agent:
+    """Serves requests from L0 on the virtio-serial port."""
+
+    def __init__(self, port: Path, state_dir: Path, images_dir: Path,
+                 qemu: str = "qemu-system-x86_64", accel: str = "tcg") -> None:
+        self.port, self.state_dir, self.images_dir = port, state_dir, images_dir
+        self.qemu, self.accel = qemu, accel
+        self.guests: dict[str, L2Guest] = {}
+
+    # -- transport ------------------------------------------------------------------------
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        fd = os.open(self.port, os.O_RDWR | os.O_NOCTTY)
+        reader = asyncio.StreamReader(limit=1 << 22)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                     os.fdopen(fd, "rb", buffering=0, closefd=False))
+        wtransport, wproto = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(fd), "wb", buffering=0))
+        writer = asyncio.StreamWriter(wtransport, wproto, None, loop)
+        log.info("agent ready on %s", self.port)
+        print(f"VMBEAM-AGENT ready {socket.gethostname()}", file=sys.stderr, flush=True)
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            line = await reader.readline()
+            if not line:
+                await asyncio.sleep(0.2)  # host side not connected: the port reads EOF
+                continue
+            task = loop.create_task(self._handle(line, writer))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _handle(self, line: bytes, writer: asyncio.StreamWriter) -> None:
+        try:
+            req = json.loads(line)
+            req_id, op, args = req["id"], req["op"], req.get("args", {})
+        except (ValueError, KeyError, TypeError):
+            return  # garbage or a partial line from a reconnect: nothing to answer
+        try:
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                raise BadInputError(f"unknown agent operation {op!r}")
+            reply = {"id": req_id, "ok": True, "result": await handler(**args)}
+        except (VmbeamError, OSError, TypeError) as exc:
+            reply = {"id": req_id, "ok": False, "error": str(exc), "type": type(exc).__name__}
+        writer.write(encode(reply))
+        await writer.drain()
+
+    # -- operations -----------------------------------------------------------------------
+    async def op_ping(self) -> dict[str, Any]:
+        return {"name": socket.gethostname(), "pid": os.getpid(),
+                "guests": sorted(self.guests)}
+
+    async def op_regions(self) -> list[dict[str, Any]]:
+        return [r.to_json() for r in await asyncio.to_thread(scan_regions)]
+
+    async def _find_region(self, region_id: str, timeout: float = 20.0) -> MappedRegion:
+        """The mapped region with this id; a hot-plugged device may need a moment."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for reg in await asyncio.to_thread(scan_regions):
+                if reg.identity.region_id == region_id:
+                    return reg
+            if loop.time() > deadline:
+                raise RegionError(f"region {region_id} is not attached to this cloud VM")
+            with contextlib.suppress(OSError):
+                Path("/sys/bus/pci/rescan").write_text("1")
+            await asyncio.sleep(0.5)
+
+    async def op_verify_region(self, region_id: str) -> dict[str, Any]:
+        return (await self._find_region(region_id)).to_json()
+
+    async def op_start_guest(self, name: str, memory: int, image: str, touch: int,
+                             region_id: str, incoming: bool = False) -> dict[str, Any]:
+        if name in self.guests and self.guests[name].proc.alive():
+            raise BadInputError(f"guest {name!r} already runs in this cloud VM")
+        region = await self._find_region(region_id)
+        if region.identity.ram_size != memory:
+            raise RegionError(f"region {region_id} holds {region.identity.ram_size} bytes of "
+                              f"RAM, guest wants {memory}")
+        gdir = self.state_dir / name
+        gdir.mkdir(parents=True, exist_ok=True)
+        qmp, serial, qlog = gdir / "qmp.sock", gdir / "serial.log", gdir / "qemu.log"
+        with contextlib.suppress(FileNotFoundError):
+            serial.unlink()
+        spec = MachineSpec(name, memory, GuestImage(image), touch, self.accel, self.qemu,
+                           self.images_dir)
+        argv = build_argv(spec, qmp_path=qmp, serial_path=serial, ram_path="/dev/mem",
+                          ram_offset=region.bar_start,
+                          incoming=["defer"] if incoming else None)
+        proc = await QemuProcess.launch(argv, qmp, qlog)
+        self.guests[name] = L2Guest(name, proc, serial, region)
+        return {"pid": proc.pid, "region": region.to_json()}
+
+    def _guest(self, name: str) -> L2Guest:
+        guest = self.guests.get(name)
+        if guest is None:
+            raise BadInputError(f"no guest {name!r} in this cloud VM")
+        return guest
+
+    async def op_qmp(self, name: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await self._guest(name).proc.execute(cmd, args)
+
+    async def op_status(self, name: str) -> dict[str, Any]:
+        guest = self._guest(name)
+        alive = guest.proc.alive()
+        run_state = None
+        if alive:
+            with contextlib.suppress(VmbeamError):
+                run_state = await guest.proc.run_state()
+        hb = read_status(guest.serial).heartbeat
+        return {"alive": alive, "run_state": run_state, "pid": guest.proc.pid,
+                "heartbeat": None if hb is None else hb.__dict__,
+                "region_id": guest.region.identity.region_id}
+
+    async def op_stop_guest(self, name: str, kill: bool = False) -> dict[str, Any]:
+        guest = self.guests.pop(name, None)
+        if guest is None:
+            return {"stopped": False}
+        if kill:
+            guest.proc.kill()
+        else:
+            await guest.proc.quit()
+        return {"stopped": True}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="vmbeam-agent: %(message)s")
+    port = Path(os.environ.get("VMBEAM_AGENT_PORT", f"/dev/virtio-ports/{PORT_NAME}"))
+    agent = Agent(port, Path(os.environ.get("VMBEAM_AGENT_STATE", "/run/vmbeam")),
+                  Path(os.environ.get("VMBEAM_IMAGES_DIR", "/opt/vmbeam/images")),
+                  accel=os.environ.get("VMBEAM_AGENT_ACCEL", "tcg"))
+    asyncio.run(agent.serve())
+
+
+if __name__ == "__main__":
+    main()
