@@ -21,7 +21,8 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import DuplicateGuestError, GuestBusyError, UnknownGuestError
+from .cloudvm import CloudVMRecord, CloudVMState
+from .errors import BadInputError, DuplicateGuestError, GuestBusyError, UnknownGuestError
 
 
 class GuestState(StrEnum):
@@ -66,6 +67,8 @@ class GuestRecord:
     backend: str = "region"
     instance: int = 0
     created_at: float = 0.0
+    cloud_vm: str = ""  # the cloud VM (L1) running the guest; "" when it runs on this host
+    tenant: str = ""
 
 
 @dataclass
@@ -94,7 +97,17 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS guests (
     name TEXT PRIMARY KEY, image TEXT, memory INTEGER, touch INTEGER, accel TEXT, qemu TEXT,
     state TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, serial_path TEXT,
-    log_path TEXT, region_id TEXT, backend TEXT, instance INTEGER, created_at REAL);
+    log_path TEXT, region_id TEXT, backend TEXT, instance INTEGER, created_at REAL,
+    cloud_vm TEXT DEFAULT '', tenant TEXT DEFAULT '');
+CREATE TABLE IF NOT EXISTS cloud_vms (
+    name TEXT PRIMARY KEY, tenant TEXT, memory INTEGER, cpus INTEGER, state TEXT, lab TEXT,
+    ip TEXT, tap TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, agent_path TEXT,
+    console_path TEXT, log_path TEXT, created_at REAL, attachments TEXT);
+CREATE TABLE IF NOT EXISTS regions (
+    region_id TEXT PRIMARY KEY, guest TEXT, tenant TEXT, ram_size INTEGER, size INTEGER,
+    created_at REAL);
+CREATE TABLE IF NOT EXISTS events (
+    at REAL, kind TEXT, subject TEXT, detail TEXT);
 CREATE TABLE IF NOT EXISTS migrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, guest TEXT, mode TEXT, phase TEXT,
     src_pid INTEGER, src_start INTEGER, dst_pid INTEGER, dst_start INTEGER, dst_qmp TEXT,
@@ -115,6 +128,10 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(guests)")}
+        for col in ("cloud_vm", "tenant"):  # stores made before cloud VMs existed
+            if col not in cols:
+                self._db.execute(f"ALTER TABLE guests ADD COLUMN {col} TEXT DEFAULT ''")
 
     def close(self) -> None:
         self._db.close()
@@ -151,6 +168,59 @@ class Store:
 
     def remove_guest(self, name: str) -> None:
         self._db.execute("DELETE FROM guests WHERE name=?", (name,))
+
+    # -- cloud VMs -------------------------------------------------------------------------
+    def add_cloud_vm(self, rec: CloudVMRecord) -> None:
+        rec.created_at = rec.created_at or time.time()
+        row = _cvm_row(rec)
+        try:
+            self._db.execute(f"INSERT INTO cloud_vms ({','.join(row)}) VALUES "
+                             f"({','.join('?' * len(row))})", list(row.values()))
+        except sqlite3.IntegrityError as exc:
+            raise BadInputError(f"a cloud VM named {rec.name!r} already exists") from exc
+
+    def update_cloud_vm(self, rec: CloudVMRecord) -> None:
+        row = _cvm_row(rec)
+        self._db.execute(f"UPDATE cloud_vms SET {','.join(f'{k}=?' for k in row)} "
+                         f"WHERE name=?", [*row.values(), rec.name])
+
+    def get_cloud_vm(self, name: str) -> CloudVMRecord:
+        row = self._db.execute("SELECT * FROM cloud_vms WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise BadInputError(f"no cloud VM named {name!r}")
+        return _cvm_from_row(row)
+
+    def cloud_vms(self) -> list[CloudVMRecord]:
+        rows = self._db.execute("SELECT * FROM cloud_vms ORDER BY created_at").fetchall()
+        return [_cvm_from_row(r) for r in rows]
+
+    def remove_cloud_vm(self, name: str) -> None:
+        self._db.execute("DELETE FROM cloud_vms WHERE name=?", (name,))
+
+    # -- regions and the audit log ------------------------------------------------------------
+    def add_region(self, region_id: str, guest: str, tenant: str, ram_size: int,
+                   size: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO regions VALUES (?,?,?,?,?,?)",
+                         (region_id, guest, tenant, ram_size, size, time.time()))
+
+    def remove_region(self, region_id: str) -> None:
+        self._db.execute("DELETE FROM regions WHERE region_id=?", (region_id,))
+
+    def regions(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM regions ORDER BY created_at").fetchall()
+        return [dict(r) for r in rows]
+
+    def log_event(self, kind: str, subject: str, detail: str) -> None:
+        """Append to the audit log (e.g. refused cross-tenant requests)."""
+        self._db.execute("INSERT INTO events VALUES (?,?,?,?)",
+                         (time.time(), kind, subject, detail))
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM events", []
+        if kind is not None:
+            sql += " WHERE kind=?"
+            args.append(kind)
+        return [dict(r) for r in self._db.execute(sql + " ORDER BY at", args)]
 
     # -- migrations -----------------------------------------------------------------------
     def begin_migration(self, guest: str, mode: str, src_pid: int, src_start: int) -> int:
@@ -215,6 +285,19 @@ class Store:
 
 
 _R = TypeVar("_R", GuestRecord, MigrationRecord)
+
+
+def _cvm_row(rec: CloudVMRecord) -> dict[str, Any]:
+    row = _row(rec)
+    row["attachments"] = json.dumps(rec.attachments)
+    return row
+
+
+def _cvm_from_row(row: sqlite3.Row) -> CloudVMRecord:
+    kw = {k: row[k] for k in row.keys()}  # noqa: SIM118 - sqlite3.Row is not a mapping
+    kw["state"] = CloudVMState(kw["state"])
+    kw["attachments"] = json.loads(kw["attachments"] or "{}")
+    return CloudVMRecord(**kw)
 
 
 def _row(rec: Any) -> dict[str, Any]:

@@ -122,8 +122,18 @@ class QemuProcess:
     @classmethod
     async def launch(cls, argv: Sequence[str], qmp_path: Path, log_path: Path, *,
                      pass_fds: Sequence[int] = (), connect: bool = True,
-                     timeout: float = 20.0) -> QemuProcess:
-        """Start QEMU detached from our session (it outlives us) and connect to its QMP."""
+                     timeout: float = 20.0, netns: str | None = None) -> QemuProcess:
+        """Start QEMU detached from our session (it outlives us) and connect to its QMP.
+
+        ``netns`` runs QEMU inside that network namespace (where its taps live).
+        """
+        preexec = None
+        if netns is not None:
+            from pyroute2 import netns as pr_netns
+
+            def preexec() -> None:
+                pr_netns.setns(netns, flags=0)
+
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             qmp_path.unlink()
@@ -133,7 +143,7 @@ class QemuProcess:
             try:
                 popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=log, pass_fds=tuple(pass_fds),
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=preexec)
             except OSError as exc:
                 raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc
         proc = cls(ProcessRef(popen.pid, _start_time(popen.pid)), qmp_path, log_path, popen)
@@ -267,6 +277,13 @@ class QemuProcess:
             self._drop_qmp()
             raise QMPCommandError(f"{cmd}: QMP connection to QEMU {self.pid} failed: "
                                   f"{exc!r}") from exc
+
+    async def session(self) -> QMPClient:
+        """The connected QMP client (for events and fd passing)."""
+        if self._qmp is None:
+            await self.execute("query-status")
+        assert self._qmp is not None
+        return self._qmp
 
     async def run_state(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``inmigrate``, ``postmigrate``, ...)."""

@@ -1,0 +1,244 @@
+"""Cloud VMs (L1): QEMU VMs on this host (L0) that run tenants' guests (L2) inside.
+
+A cloud VM boots the image built by ``images/cloudvm`` with a read-only *source disk* that
+carries this package and the guest images, so the agent always runs the current code without
+rebuilding the image. Its agent channel is a virtio-serial port backed by a unix socket on L0
+(no control port on any network); its NIC is a tap on the lab bridge. Beam regions are
+hot-plugged as ``ivshmem-plain`` devices into PCIe root ports whose 64-bit windows sit above
+4 GiB, so the L1 maps them write-back (DESIGN §4.10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import qemu.qmp
+
+from .agent.protocol import PORT_NAME, AgentClient
+from .config import REPO_ROOT
+from .errors import LaunchError, QMPCommandError, RegionError
+from .qemu.process import ProcessRef, QemuProcess
+from .region import BeamRegion
+
+if TYPE_CHECKING:  # pyroute2 is an L0-only dependency; the agent imports this package too
+    from .net import LabNetwork
+
+ROOT_PORTS = 4            # hot-plug slots: at most this many regions per cloud VM
+ROOT_PORT_WINDOW = "16G"  # prefetchable 64-bit window per port (largest region)
+BOOT_TIMEOUT = 180.0
+
+
+class CloudVMState(StrEnum):
+    """Lifecycle of a cloud VM."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    LOST = "lost"
+
+
+@dataclass
+class CloudVMRecord:
+    """One cloud VM as recorded in the state store."""
+
+    name: str
+    tenant: str
+    memory: int
+    cpus: int
+    state: CloudVMState
+    lab: str = ""
+    ip: str = ""
+    tap: str = ""
+    pid: int = 0
+    pid_start: int = 0
+    qmp_path: str = ""
+    agent_path: str = ""
+    console_path: str = ""
+    log_path: str = ""
+    created_at: float = 0.0
+    # region id -> {"port": root port, "fdset": fdset id, "dev": device id, "obj": object id}
+    attachments: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def agent(self) -> AgentClient:
+        return AgentClient(Path(self.agent_path), self.name)
+
+
+def source_tree(dest: Path, images_dir: Path) -> None:
+    """Lay out what the cloud VM mounts at /opt/vmbeam: code, qemu.qmp, images, start-agent."""
+    lib = dest / "lib"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc")
+    shutil.copytree(REPO_ROOT / "vmbeam_kvm", lib / "vmbeam_kvm", ignore=ignore)
+    shutil.copytree(Path(qemu.qmp.__file__).parent, lib / "qemu" / "qmp", ignore=ignore)
+    (lib / "qemu" / "__init__.py").touch()
+    (dest / "images").mkdir()
+    shutil.copy2(images_dir / "testguest.bin", dest / "images")
+    if (images_dir / "linux" / "vmlinux").exists():
+        shutil.copytree(images_dir / "linux", dest / "images" / "linux",
+                        ignore=shutil.ignore_patterns("modules", "memload", "rootfs"))
+    start = dest / "start-agent"
+    start.write_text("#!/bin/sh\n# Started (and restarted) by the cloud VM's init.\n"
+                     "export PYTHONPATH=/opt/vmbeam/lib VMBEAM_IMAGES_DIR=/opt/vmbeam/images\n"
+                     "exec python3 -m vmbeam_kvm.agent.server\n")
+    start.chmod(0o755)
+
+
+def build_source_disk(state_dir: Path, images_dir: Path) -> Path:
+    """The source disk for cloud VMs, rebuilt only when its content changes."""
+    work = state_dir / "srcdisk"
+    tree = work / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    source_tree(tree, images_dir)
+    digest = hashlib.sha256()
+    for path in sorted(tree.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(tree)).encode())
+            digest.update(path.read_bytes())
+    disk = work / f"src-{digest.hexdigest()[:12]}.ext4"
+    if not disk.exists():
+        for old in work.glob("src-*.ext4"):
+            old.unlink()
+        subprocess.run([str(REPO_ROOT / "images" / "cloudvm" / "mksrc.sh"), str(disk),
+                        str(tree)], check=True, capture_output=True)
+    shutil.rmtree(tree)
+    return disk
+
+
+def cloudvm_argv(rec: CloudVMRecord, *, qemu: str, accel: str, images_dir: Path,
+                 src_disk: Path, mac: str) -> list[str]:
+    img = images_dir / "cloudvm"
+    for f in (images_dir / "linux" / "vmlinux", img / "initrd.img", img / "rootfs.ext4"):
+        if not f.exists():
+            raise LaunchError(f"cloud-VM image {f} is missing: run `make images`")
+    append = f"console=ttyS0 quiet root=/dev/vda vmbeam.name={rec.name}"
+    if rec.ip:
+        append += f" vmbeam.ip={rec.ip}"
+    argv = [
+        qemu, "-name", f"cloudvm={rec.name},debug-threads=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-accel", accel, "-machine", "q35", "-m", f"{rec.memory}B", "-smp", str(rec.cpus),
+        "-kernel", str(images_dir / "linux" / "vmlinux"), "-initrd", str(img / "initrd.img"),
+        "-append", append,
+        # snapshot=on: every cloud VM writes to its own throw-away overlay of the image.
+        "-drive", f"file={img / 'rootfs.ext4'},if=virtio,format=raw,snapshot=on",
+        "-drive", f"file={src_disk},if=virtio,format=raw,readonly=on",
+        "-chardev", f"file,id=console,path={rec.console_path}", "-serial", "chardev:console",
+        "-qmp", f"unix:{rec.qmp_path},server=on,wait=off",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=agent,path={rec.agent_path},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
+        # Hot-plugged BARs land in the root ports' 64-bit windows, above 4 GiB: the L1
+        # then maps regions write-back through /dev/mem.
+        "-global", "q35-pcihost.pci-hole64-size=128G",
+    ]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    for i in range(ROOT_PORTS):
+        argv += ["-device", f"pcie-root-port,id=rp{i},chassis={i + 1},slot={i + 1},"
+                            f"pref64-reserve={ROOT_PORT_WINDOW}"]
+    if rec.tap:
+        argv += ["-netdev", f"tap,id=net0,ifname={rec.tap},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
+    return argv
+
+
+def mac_for(name: str) -> str:
+    h = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
+async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | None
+                         ) -> QemuProcess:
+    """Start the L1 QEMU (inside the lab's namespace, where its tap lives) and wait for
+    its agent."""
+    proc = await QemuProcess.launch(argv, Path(rec.qmp_path), Path(rec.log_path),
+                                    netns=lab.ns if lab else None)
+    try:
+        await rec.agent.wait_ready(BOOT_TIMEOUT)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+async def attach_region(proc: QemuProcess, rec: CloudVMRecord, region: BeamRegion) -> None:
+    """Hot-plug ``region`` into the cloud VM (add-fd + object-add + device_add)."""
+    if region.region_id in rec.attachments:
+        return
+    used = {a["port"] for a in rec.attachments.values()}
+    free = [f"rp{i}" for i in range(ROOT_PORTS) if f"rp{i}" not in used]
+    if not free:
+        raise RegionError(f"cloud VM {rec.name} has no free hot-plug slot")
+    size = region.size
+    if size & (size - 1):
+        # QEMU aborts (taking the whole cloud VM down) on a non-power-of-two BAR.
+        raise RegionError(f"region {region.region_id} is {size} bytes, not a power of two")
+    short = region.region_id[:8]
+    qmp = await proc.session()
+    qmp.send_fd_scm(region.fd)
+    fdset = await proc.execute("add-fd", {})
+    att = {"port": free[0], "fdset": fdset["fdset-id"], "dev": f"iv-{short}",
+           "obj": f"region-{short}"}
+    try:
+        # memory-backend-file opens mem-path with open(): QEMU's own fd via /proc works.
+        await proc.execute("object-add", {
+            "qom-type": "memory-backend-file", "id": att["obj"],
+            "mem-path": f"/proc/self/fd/{fdset['fd']}", "size": size, "share": True})
+        await proc.execute("device_add", {"driver": "ivshmem-plain", "memdev": att["obj"],
+                                          "id": att["dev"], "bus": att["port"]})
+    except QMPCommandError:
+        with contextlib.suppress(QMPCommandError):
+            await proc.execute("object-del", {"id": att["obj"]})
+        with contextlib.suppress(QMPCommandError):
+            await proc.execute("remove-fd", {"fdset-id": att["fdset"]})
+        raise
+    rec.attachments[region.region_id] = att
+
+
+async def detach_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str,
+                        timeout: float = 60.0) -> None:
+    """Hot-unplug a region: device_del (the L1 ejects it), object-del, remove-fd."""
+    att = rec.attachments.get(region_id)
+    if att is None:
+        return
+    qmp = await proc.session()
+    with qmp.listener("DEVICE_DELETED") as listener:
+        try:
+            await proc.execute("device_del", {"id": att["dev"]})
+        except QMPCommandError as exc:
+            if "not found" not in str(exc).lower():
+                raise
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RegionError(f"cloud VM {rec.name} did not eject region "
+                                      f"{region_id} within {timeout:.0f} s")
+                try:
+                    event = await asyncio.wait_for(listener.get(), remaining)
+                except TimeoutError:
+                    continue
+                data: Any = event["data"]
+                if data.get("device") == att["dev"]:
+                    break
+    with contextlib.suppress(QMPCommandError):
+        await proc.execute("object-del", {"id": att["obj"]})
+    with contextlib.suppress(QMPCommandError):
+        await proc.execute("remove-fd", {"fdset-id": att["fdset"]})
+    del rec.attachments[region_id]
+
+
+def process_of(rec: CloudVMRecord) -> QemuProcess:
+    return QemuProcess.attach(ProcessRef(rec.pid, rec.pid_start), Path(rec.qmp_path),
+                              Path(rec.log_path))
