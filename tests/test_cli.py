@@ -58,7 +58,7 @@ def test_migrate_json(state_dir: Path, cli_guest: dict) -> None:  # type: ignore
     (["guest", "start", "x", "--memory", "100000001"], "multiple of the page size"),
     (["guest", "start", "x", "--memory", "4T"], "exceeds the host's available memory"),
     (["guest", "start", "x", "--memory", "256M", "--qemu", "/no/such/qemu"], "not found"),
-    (["guest", "start", "bad/name", "--memory", "256M"], "invalid guest name"),
+    (["guest", "start", "bad/name", "--memory", "256M"], "invalid name"),
     (["guest", "start", "x", "--memory", "lots"], "invalid size"),
     (["guest", "status", "ghost"], "no guest named"),
     (["guest", "stop", "ghost"], "no guest named"),

@@ -41,6 +41,8 @@ class GuestStatus:
     region_id: str
     instance: int
     serial_log: str
+    cloud_vm: str = ""
+    tenant: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

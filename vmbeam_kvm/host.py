@@ -20,13 +20,15 @@ import re
 import shutil
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from .accel import resolve_accel
 from .config import Settings
-from .errors import BadInputError, QMPCommandError, UnknownGuestError
+from .errors import BadInputError, QMPCommandError, UnknownGuestError, VmbeamError
 from .guest import Guest, GuestStatus
-from .heartbeat import read_status
+from .heartbeat import Heartbeat, read_status
 from .migration import MigrationOptions, MigrationResult, migrate_local, recover
+from .nested import CloudOps
 from .qemu.machine import GuestImage, MachineSpec, RamBackend, build_argv
 from .qemu.process import ProcessRef, QemuProcess
 from .region import BeamRegion
@@ -56,6 +58,14 @@ class Host:
         self.settings = settings or Settings()
         self._store: Store | None = None
         self._procs: dict[ProcessRef, QemuProcess] = {}
+        self._cloud: CloudOps | None = None
+
+    @property
+    def cloud(self) -> CloudOps:
+        """Cloud VMs (L1) on this host and the guests inside them."""
+        if self._cloud is None:
+            self._cloud = CloudOps(self)
+        return self._cloud
 
     @property
     def store(self) -> Store:
@@ -75,6 +85,9 @@ class Host:
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
+        if self._cloud is not None:
+            await self._cloud.close()
+            self._cloud = None
         for proc in list(self._procs.values()):
             await proc.close()
         self._procs.clear()
@@ -85,11 +98,14 @@ class Host:
     # -- processes ------------------------------------------------------------------------
     def process(self, rec: GuestRecord) -> QemuProcess:
         """The QEMU process that currently runs ``rec`` (re-attached if needed)."""
-        ref = ProcessRef(rec.pid, rec.pid_start)
+        return self.attach_process(ProcessRef(rec.pid, rec.pid_start), Path(rec.qmp_path),
+                                   Path(rec.log_path))
+
+    def attach_process(self, ref: ProcessRef, qmp: Path, log: Path) -> QemuProcess:
+        """A cached handle on a QEMU we launched or one an earlier command launched."""
         proc = self._procs.get(ref)
         if proc is None:
-            proc = QemuProcess.attach(ref, Path(rec.qmp_path), Path(rec.log_path))
-            self._procs[ref] = proc
+            proc = self._procs[ref] = QemuProcess.attach(ref, qmp, log)
         return proc
 
     def adopt(self, proc: QemuProcess) -> None:
@@ -108,10 +124,14 @@ class Host:
         return qmp, d / f"serial-{instance}.log", d / f"qemu-{instance}.log"
 
     # -- guests ---------------------------------------------------------------------------
-    def validate_new_guest(self, name: str, memory: int) -> None:
+    @staticmethod
+    def validate_name(name: str) -> None:
         if not _NAME_RE.match(name):
-            raise BadInputError(f"invalid guest name {name!r}: use 1-32 letters, digits, "
+            raise BadInputError(f"invalid name {name!r}: use 1-32 letters, digits, "
                                 f"'.', '_' or '-'")
+
+    def validate_new_guest(self, name: str, memory: int) -> None:
+        self.validate_name(name)
         if memory % PAGE_SIZE:
             raise BadInputError(f"memory size {memory} is not a multiple of the page size "
                                 f"({PAGE_SIZE} bytes)")
@@ -185,6 +205,8 @@ class Host:
 
     async def status(self, name: str) -> GuestStatus:
         rec = self.store.get_guest(name)
+        if rec.cloud_vm:
+            return await self._nested_status(rec)
         proc = self.process(rec) if rec.pid else None
         alive = proc is not None and proc.alive()
         if not alive and rec.state is GuestState.RUNNING:
@@ -204,6 +226,20 @@ class Host:
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
             instance=rec.instance, serial_log=rec.serial_path)
 
+    async def _nested_status(self, rec: GuestRecord) -> GuestStatus:
+        st: dict[str, Any] = {}
+        with contextlib.suppress(VmbeamError):
+            st = await self.cloud.guest_status(rec)
+        hbd = st.get("heartbeat")
+        hb = Heartbeat(**hbd) if hbd else None
+        return GuestStatus(
+            name=rec.name, state=rec.state.value, image=rec.image, memory_bytes=rec.memory,
+            touch_percent=rec.touch, accel=rec.accel, pid=int(st.get("pid", rec.pid)),
+            alive=bool(st.get("alive")), run_state=st.get("run_state"), booted=hb is not None,
+            ready=hb is not None, heartbeat=hb, memory_ok=None if hb is None else hb.ok,
+            region_id=rec.region_id, instance=rec.instance, serial_log="",
+            cloud_vm=rec.cloud_vm, tenant=rec.tenant)
+
     async def stop_guest(self, name: str, *, missing_ok: bool = False) -> None:
         """Quit the guest's QEMU (its region goes with it) and forget the guest."""
         try:
@@ -212,6 +248,9 @@ class Host:
             if missing_ok:
                 return
             raise
+        if rec.cloud_vm:
+            await self.cloud.stop_guest(name)
+            return
         with self.store.lock_guest(name):
             if rec.pid:
                 proc = self.process(rec)
@@ -221,8 +260,11 @@ class Host:
             shutil.rmtree(self.store.state_dir / "guests" / name, ignore_errors=True)
 
     async def stop_all(self) -> None:
+        """Stop every guest and cloud VM of this state directory."""
         for rec in self.store.guests():
             await self.stop_guest(rec.name, missing_ok=True)
+        for vm in self.store.cloud_vms():
+            await self.cloud.stop_cloud_vm(vm.name)
 
     # -- migration ------------------------------------------------------------------------
     async def migrate(self, name: str, options: MigrationOptions | None = None

@@ -1,0 +1,490 @@
+"""The virtual IaaS topology: cloud VMs (L1) on this host, guests (L2) inside them.
+
+This host plays L0. A guest inside a cloud VM has its RAM in a beam region on L0 that is
+hot-plugged into that cloud VM. Migrating it to a co-located cloud VM of the same tenant runs
+VMBeam's phases, each journaled: *share* (attach the region to the destination too),
+*prepare* (the destination agent verifies the region and starts the incoming L2 QEMU on it),
+*switch* (device state only over the L1-L1 network; the destination confirmed running; the
+source L2 quits), *relocate* (detach the region from the source cloud VM). Precopy is the
+fallback: the destination gets a fresh region and QEMU copies the RAM over the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .agent.protocol import AgentClient, AgentError
+from .cloudvm import (
+    CloudVMRecord,
+    CloudVMState,
+    attach_region,
+    build_source_disk,
+    cloudvm_argv,
+    detach_region,
+    launch_cloudvm,
+    mac_for,
+)
+from .errors import BadInputError, MigrationError, QMPCommandError, VmbeamError
+from .heartbeat import Heartbeat
+from .migration import MigrationMode, MigrationResult
+from .qemu.process import ProcessRef, QemuProcess, cpu_seconds
+from .region import BeamRegion
+from .store import GuestRecord, GuestState, MigrationPhase
+from .units import parse_percent, parse_size
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .net import LabNetwork
+
+log = logging.getLogger(__name__)
+
+LAB_NS = "vmbeam-lab"
+LAB_SUBNET = "10.203.0.0/24"
+MIGRATION_PORT = 4444
+# The embedded default topology of `lab up`.
+DEFAULT_LAB = {"tenant-a": ["l1a", "l1b"], "tenant-b": ["l1c"]}
+
+
+def lab_network() -> LabNetwork:
+    from .net import LabNetwork
+    return LabNetwork(LAB_NS, LAB_SUBNET)
+
+
+@dataclass
+class NestedResult(MigrationResult):
+    """A nested migration's figures, with what the paper's evaluation looks at."""
+
+    source_cloud_vm: str = ""
+    dest_cloud_vm: str = ""
+    source_detached: bool = False
+    network_bytes: int = 0     # bytes that crossed the destination cloud VM's NIC
+    l0_cpu_seconds: float = 0.0  # CPU of every QEMU on L0 (the cloud VMs) meanwhile
+
+
+class CloudOps:
+    """Cloud VMs and the guests inside them, for one :class:`~vmbeam_kvm.host.Host`."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.store = host.store
+        self._agents: dict[str, AgentClient] = {}
+        self._setup_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        for agent in self._agents.values():
+            await agent.close()
+        self._agents.clear()
+
+    # -- cloud VMs ------------------------------------------------------------------------
+    def vm(self, name: str) -> CloudVMRecord:
+        return self.store.get_cloud_vm(name)
+
+    def l1(self, rec: CloudVMRecord) -> QemuProcess:
+        return self.host.attach_process(ProcessRef(rec.pid, rec.pid_start),
+                                        Path(rec.qmp_path), Path(rec.log_path))
+
+    def agent(self, rec: CloudVMRecord) -> AgentClient:
+        client = self._agents.get(rec.name)
+        if client is None or str(client.path) != rec.agent_path:
+            client = self._agents[rec.name] = rec.agent
+        return client
+
+    def running_vm(self, name: str) -> CloudVMRecord:
+        rec = self.vm(name)
+        if rec.state is not CloudVMState.RUNNING or not self.l1(rec).alive():
+            raise BadInputError(f"cloud VM {name!r} is not running ({rec.state.value})")
+        return rec
+
+    async def start_cloud_vm(self, name: str, tenant: str, memory: int | str = "2G",
+                             cpus: int = 2, lab: LabNetwork | None = None) -> CloudVMRecord:
+        """Boot a cloud VM and wait for its agent."""
+        size = parse_size(memory)
+        if not tenant:
+            raise BadInputError("a cloud VM needs a tenant")
+        self.host.validate_name(name)
+        d = self.store.state_dir / "cloudvms" / name
+        rec = CloudVMRecord(name=name, tenant=tenant, memory=size, cpus=cpus,
+                            state=CloudVMState.STARTING, qmp_path=str(d / "qmp.sock"),
+                            agent_path=str(d / "agent.sock"),
+                            console_path=str(d / "console.log"), log_path=str(d / "qemu.log"))
+        self.store.add_cloud_vm(rec)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if lab is not None:
+                async with self._setup_lock:  # one namespace, one address per cloud VM
+                    # pyroute2's sync API runs its own event loop: keep it off ours.
+                    await asyncio.to_thread(lab.create)
+                    used = {vm.ip for vm in self.store.cloud_vms()}
+                    rec.lab = lab.ns
+                    rec.ip = next(a for a in (lab.address(i) for i in range(1, 250))
+                                  if a not in used)
+                    rec.tap = f"tap-{name}"[:15]
+                    self.store.update_cloud_vm(rec)
+                    await asyncio.to_thread(lab.add_tap, rec.tap)
+            settings = self.host.settings
+            qemu = settings.resolve_qemu()
+            from .accel import resolve_accel
+            accel = await resolve_accel(settings.accel, qemu, settings.images_dir,
+                                        settings.state_dir)
+            async with self._setup_lock:  # concurrent starts share one source disk
+                disk = await asyncio.to_thread(build_source_disk, settings.state_dir,
+                                               settings.images_dir)
+            argv = cloudvm_argv(rec, qemu=qemu, accel=accel, images_dir=settings.images_dir,
+                                src_disk=disk, mac=mac_for(name))
+            proc = await launch_cloudvm(rec, argv, lab)
+            self.host.adopt(proc)
+            rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
+            rec.state = CloudVMState.RUNNING
+            self.store.update_cloud_vm(rec)
+            return rec
+        except BaseException:
+            if lab is not None and rec.tap:
+                await asyncio.to_thread(lab.remove_tap, rec.tap)
+            self.store.remove_cloud_vm(name)
+            raise
+
+    async def stop_cloud_vm(self, name: str) -> None:
+        """Stop the cloud VM's guests, then the cloud VM; its regions are released."""
+        rec = self.vm(name)
+        for guest in self.store.guests():
+            if guest.cloud_vm == name:
+                await self.stop_guest(guest.name)
+        rec = self.vm(name)
+        proc = self.l1(rec)
+        if proc.alive():
+            await proc.quit(timeout=20)
+        self.host.forget(proc)
+        agent = self._agents.pop(name, None)
+        if agent is not None:
+            await agent.close()
+        if rec.lab and rec.tap:
+            from .net import LabNetwork
+            await asyncio.to_thread(LabNetwork(rec.lab, LAB_SUBNET).remove_tap, rec.tap)
+        self.store.remove_cloud_vm(name)
+
+    # -- guests in cloud VMs --------------------------------------------------------------
+    async def start_guest(self, name: str, cloud_vm: str, memory: int | str, *,
+                          image: str = "test", touch: int | str = 70) -> GuestRecord:
+        """Create the guest's region on L0, attach it to ``cloud_vm``, start the L2 there."""
+        size, pct = parse_size(memory), parse_percent(touch)
+        if image not in ("test", "linux"):
+            raise BadInputError(f"unknown image {image!r}: use test or linux")
+        self.host.validate_new_guest(name, size)
+        vm = self.running_vm(cloud_vm)
+        rec = GuestRecord(name=name, image=image, memory=size, touch=pct, accel="tcg",
+                          qemu="qemu-system-x86_64", state=GuestState.STARTING,
+                          cloud_vm=vm.name, tenant=vm.tenant)
+        self.store.add_guest(rec)
+        proc = self.l1(vm)
+        try:
+            with self.store.lock_guest(name), BeamRegion.create(size, name, pow2=True) as reg:
+                await attach_region(proc, vm, reg)
+                self.store.update_cloud_vm(vm)
+                self.store.add_region(reg.region_id, name, vm.tenant, size, reg.size)
+                rec.region_id = reg.region_id
+                started = await self.agent(vm).call(
+                    "start_guest", name=name, memory=size, image=image, touch=pct,
+                    region_id=reg.region_id)
+                rec.pid, rec.state = int(started["pid"]), GuestState.RUNNING
+                self.store.update_guest(rec)
+                return rec
+        except BaseException:
+            with contextlib.suppress(VmbeamError):
+                await self.agent(vm).call("stop_guest", name=name, kill=True)
+            if rec.region_id:
+                with contextlib.suppress(VmbeamError):
+                    await detach_region(proc, vm, rec.region_id)
+                self.store.update_cloud_vm(vm)
+                self.store.remove_region(rec.region_id)
+            self.store.remove_guest(name)
+            raise
+
+    async def stop_guest(self, name: str) -> None:
+        rec = self.store.get_guest(name)
+        with self.store.lock_guest(name):
+            with contextlib.suppress(BadInputError):
+                vm = self.vm(rec.cloud_vm)
+                if self.l1(vm).alive():
+                    with contextlib.suppress(AgentError):
+                        await self.agent(vm).call("stop_guest", name=name)
+                    await detach_region(self.l1(vm), vm, rec.region_id)
+                    self.store.update_cloud_vm(vm)
+            self.store.remove_region(rec.region_id)
+            self.store.remove_guest(name)
+
+    async def guest_status(self, rec: GuestRecord) -> dict[str, Any]:
+        vm = self.vm(rec.cloud_vm)
+        st: dict[str, Any] = await self.agent(vm).call("status", name=rec.name)
+        return st
+
+    async def heartbeat(self, rec: GuestRecord) -> Heartbeat | None:
+        hb = (await self.guest_status(rec)).get("heartbeat")
+        return None if hb is None else Heartbeat(**hb)
+
+    async def wait_heartbeat(self, rec: GuestRecord, after_seq: int = -1,
+                             timeout: float = 120.0) -> Heartbeat | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(AgentError):
+                hb = await self.heartbeat(rec)
+                if hb is not None and hb.seq > after_seq:
+                    return hb
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.2)
+
+    # -- migration ------------------------------------------------------------------------
+    async def migrate(self, name: str, to: str, mode: MigrationMode | None = None
+                      ) -> NestedResult:
+        """Move guest ``name`` to cloud VM ``to`` (``mode`` None = auto)."""
+        with self.store.lock_guest(name, "migrated"):
+            rec = self.store.get_guest(name)
+            if not rec.cloud_vm:
+                raise BadInputError(f"guest {name!r} runs on this host, not in a cloud VM: "
+                                    f"use --local")
+            if rec.state is not GuestState.RUNNING:
+                raise BadInputError(f"guest {name!r} is {rec.state.value}")
+            src_vm, dst_vm = self.running_vm(rec.cloud_vm), self.running_vm(to)
+            if src_vm.name == dst_vm.name:
+                raise BadInputError(f"guest {name!r} already runs in {to!r}")
+            if dst_vm.tenant != rec.tenant:
+                self.store.log_event("refused", name, f"cross-tenant migration to {to} "
+                                     f"(tenant {dst_vm.tenant}, guest of {rec.tenant})")
+                raise BadInputError(f"refused: cloud VM {to!r} belongs to tenant "
+                                    f"{dst_vm.tenant!r}, guest {name!r} to {rec.tenant!r}")
+            # Both cloud VMs are on this L0 and share the tenant: zero-copy applies.
+            mode = mode or MigrationMode.ZERO_COPY
+            if mode is MigrationMode.CPR_TRANSFER:
+                raise BadInputError("cpr-transfer is a local-only mode")
+            run = _NestedRun(self, rec, src_vm, dst_vm, mode)
+            return await run.execute()
+
+
+class _NestedRun:
+    """One nested migration through share → prepare → switch → relocate."""
+
+    def __init__(self, ops: CloudOps, rec: GuestRecord, src_vm: CloudVMRecord,
+                 dst_vm: CloudVMRecord, mode: MigrationMode) -> None:
+        self.ops, self.rec, self.src_vm, self.dst_vm, self.mode = ops, rec, src_vm, dst_vm, mode
+        self.store = ops.store
+        self.src_agent, self.dst_agent = ops.agent(src_vm), ops.agent(dst_vm)
+        self.src_l1, self.dst_l1 = ops.l1(src_vm), ops.l1(dst_vm)
+        self.phases: dict[str, float] = {}
+        self._mark = time.monotonic()
+        self.dst_started = False
+        self.dst_region_id = ""
+
+    def _done(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = round((now - self._mark) * 1000, 3)
+        self._mark = now
+
+    async def _qmp(self, agent: AgentClient, cmd: str, args: dict[str, Any] | None = None,
+                   timeout: float = 60) -> Any:
+        return await agent.call("qmp", name=self.rec.name, cmd=cmd, args=args,
+                                timeout=timeout)
+
+    async def execute(self) -> NestedResult:
+        name = self.rec.name
+        mig_id = self.store.begin_migration(name, self.mode.value, self.rec.pid, 0)
+        self.rec.state = GuestState.MIGRATING
+        self.store.update_guest(self.rec)
+        cpu0 = sum(cpu_seconds(p.pid) for p in (self.src_l1, self.dst_l1))
+        net0 = await asyncio.to_thread(self._net_bytes)
+        try:
+            # ---- SHARE: the guest's region (or a fresh one for precopy) to the dest ----
+            try:
+                if self.mode is MigrationMode.ZERO_COPY:
+                    region = await self._reopen_region()
+                else:
+                    region = BeamRegion.create(self.rec.memory, name, pow2=True)
+                with region:
+                    await attach_region(self.dst_l1, self.dst_vm, region)
+                    self.store.update_cloud_vm(self.dst_vm)
+                    self.dst_region_id = region.region_id
+                    if self.mode is not MigrationMode.ZERO_COPY:
+                        self.store.add_region(region.region_id, name, self.rec.tenant,
+                                              self.rec.memory, region.size)
+                self._done("share")
+                # ---- PREPARE: the destination agent verifies the region, starts L2 ----
+                self.store.journal(mig_id, MigrationPhase.PREPARE)
+                await self.dst_agent.call("start_guest", name=name, memory=self.rec.memory,
+                                          image=self.rec.image, touch=self.rec.touch,
+                                          region_id=self.dst_region_id, incoming=True)
+                self.dst_started = True
+                caps = [{"capability": "return-path", "state": True},
+                        {"capability": "x-ignore-shared",
+                         "state": self.mode is MigrationMode.ZERO_COPY}]
+                for agent in (self.src_agent, self.dst_agent):
+                    await self._qmp(agent, "migrate-set-capabilities", {"capabilities": caps})
+                await self._qmp(self.src_agent, "migrate-set-parameters",
+                                {"max-bandwidth": 64 << 30})
+                await self._qmp(self.dst_agent, "migrate-incoming",
+                                {"uri": f"tcp:0.0.0.0:{MIGRATION_PORT}"})
+                self._done("prepare")
+            except VmbeamError as exc:
+                raise _NestedRollback(f"preparing the destination failed: {exc}") from exc
+            # ---- SWITCH: device state over the L1-L1 network --------------------------
+            self.store.journal(mig_id, MigrationPhase.SWITCH)
+            hb0 = await self.ops.heartbeat(self.rec)
+            t0 = time.monotonic()
+            dst_ip = self.dst_vm.ip.split("/")[0]
+            try:
+                await self._qmp(self.src_agent, "migrate",
+                                {"uri": f"tcp:{dst_ip}:{MIGRATION_PORT}"})
+            except VmbeamError as exc:
+                raise _NestedRollback(f"source refused to migrate: {exc}") from exc
+            info = await self._wait_source()
+            self._done("switch")
+            # ---- CONFIRM ------------------------------------------------------------------
+            self.store.journal(mig_id, MigrationPhase.CONFIRM)
+            new_pid = await self._wait_dest_running()
+            t1 = time.monotonic()
+            cpu = sum(cpu_seconds(p.pid) for p in (self.src_l1, self.dst_l1)) - cpu0
+            net = await asyncio.to_thread(self._net_bytes) - net0
+            self._done("confirm")
+            # ---- RELOCATE: source L2 quits; its cloud VM lets go of the region --------
+            self.store.journal(mig_id, MigrationPhase.RELOCATE)
+            old_region = self.rec.region_id
+            self.rec.cloud_vm, self.rec.pid = self.dst_vm.name, new_pid
+            self.rec.region_id, self.rec.state = self.dst_region_id, GuestState.RUNNING
+            self.store.update_guest(self.rec)
+            await self.src_agent.call("stop_guest", name=name)
+            await detach_region(self.src_l1, self.src_vm, old_region)
+            self.store.update_cloud_vm(self.src_vm)
+            if old_region != self.dst_region_id:
+                self.store.remove_region(old_region)
+            detached = await self._detached_from_source(old_region)
+            self._done("relocate")
+            hb1 = await self.ops.wait_heartbeat(self.rec, hb0.seq if hb0 else -1, timeout=60)
+            result = NestedResult(
+                guest=name, mode=self.mode.value, status="completed",
+                total_ms=round((t1 - t0) * 1000, 3), downtime_ms=info.get("downtime"),
+                ram_transferred_bytes=int(info.get("ram", {}).get("transferred", 0)),
+                shared_frames_ratio=None, guest_ok=hb1 is not None and hb1.ok,
+                qemu_total_ms=info.get("total-time"), phases_ms=self.phases,
+                source_pid=self.rec.pid, dest_pid=new_pid, migration_id=mig_id,
+                memory_bytes=self.rec.memory, source_cloud_vm=self.src_vm.name,
+                dest_cloud_vm=self.dst_vm.name, source_detached=detached,
+                network_bytes=net, l0_cpu_seconds=round(cpu, 3), qemu_cpu_seconds=round(cpu, 3))
+            self.store.journal(mig_id, MigrationPhase.DONE, result=result.to_json())
+            return result
+        except _NestedRollback as exc:
+            await self._rollback()
+            self.rec.state = GuestState.RUNNING
+            self.store.update_guest(self.rec)
+            self.store.journal(mig_id, MigrationPhase.FAILED, error=str(exc))
+            raise MigrationError(f"migration of {name!r} failed, guest still running in "
+                                 f"{self.src_vm.name}: {exc}", source_resumed=True) from exc
+        except (MigrationError, VmbeamError) as exc:
+            self.rec.state = GuestState.NEEDS_ACTION
+            self.store.update_guest(self.rec)
+            self.store.journal(mig_id, MigrationPhase.FAILED, error=str(exc))
+            if isinstance(exc, MigrationError):
+                raise
+            raise MigrationError(f"migration of {name!r} failed after the switch: {exc}",
+                                 source_resumed=False) from exc
+
+    def _net_bytes(self) -> int:
+        """rx+tx bytes of the destination cloud VM's tap (its whole L1-L1 traffic)."""
+        if not self.dst_vm.lab or not self.dst_vm.tap:
+            return 0
+        from pyroute2 import NetNS
+        with NetNS(self.dst_vm.lab) as ns:
+            for link in ns.get_links(ifname=self.dst_vm.tap):
+                stats = link.get("IFLA_STATS64")
+                if stats:
+                    return int(stats["rx_bytes"]) + int(stats["tx_bytes"])
+        return 0
+
+    async def _reopen_region(self) -> BeamRegion:
+        """Our own handle on the guest's region, taken from the source cloud VM's QEMU."""
+        att = self.src_vm.attachments.get(self.rec.region_id)
+        if att is None:
+            raise BadInputError(f"region {self.rec.region_id} is not attached to "
+                                f"{self.src_vm.name}")
+        for fdset in await self.src_l1.execute("query-fdsets"):
+            if fdset["fdset-id"] == att["fdset"]:
+                return BeamRegion.open_from_process(self.src_l1.pid, fdset["fds"][0]["fd"],
+                                                    self.rec.region_id)
+        raise BadInputError(f"fdset {att['fdset']} of region {self.rec.region_id} is gone")
+
+    async def _wait_source(self) -> dict[str, Any]:
+        deadline = time.monotonic() + (60 if self.mode is MigrationMode.ZERO_COPY
+                                       else 120 + 120 * self.rec.memory / (1 << 30))
+        while True:
+            try:
+                info: dict[str, Any] = await self._qmp(self.src_agent, "query-migrate")
+            except VmbeamError as exc:
+                raise _NestedRollback(f"lost the source during the switch: {exc}") from exc
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise _NestedRollback(f"migration {status}: {info.get('error-desc', '')}")
+            if time.monotonic() > deadline:
+                with contextlib.suppress(VmbeamError):
+                    await self._qmp(self.src_agent, "migrate_cancel")
+                raise _NestedRollback("timed out before the switch")
+            await asyncio.sleep(0.005)
+
+    async def _wait_dest_running(self) -> int:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(VmbeamError):
+                st = await self.dst_agent.call("status", name=self.rec.name)
+                if st["run_state"] == "running":
+                    return int(st["pid"])
+                if not st["alive"]:
+                    break
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        raise MigrationError(f"destination in {self.dst_vm.name} did not run after the switch; "
+                             f"source kept paused", source_resumed=False)
+
+    async def _detached_from_source(self, region_id: str) -> bool:
+        """Checked through L0's QMP: the source cloud VM no longer has the region's device."""
+        short = region_id[:8]
+        objs = await self.src_l1.execute("qom-list", {"path": "/objects"})
+        return not any(o["name"] == f"region-{short}" for o in objs)
+
+    async def _rollback(self) -> None:
+        """Destination L2 and its region attachment go; the source runs (never both)."""
+        if self.dst_started:
+            with contextlib.suppress(VmbeamError):
+                await self.dst_agent.call("stop_guest", name=self.rec.name, kill=True)
+        if self.dst_region_id:
+            with contextlib.suppress(VmbeamError):
+                await detach_region(self.dst_l1, self.dst_vm, self.dst_region_id)
+            self.store.update_cloud_vm(self.dst_vm)
+            if self.dst_region_id != self.rec.region_id:
+                self.store.remove_region(self.dst_region_id)
+        info = await self._qmp(self.src_agent, "query-migrate")
+        if info.get("status") in ("active", "setup", "device"):
+            await self._qmp(self.src_agent, "migrate_cancel")
+            await asyncio.sleep(0.2)
+            info = await self._qmp(self.src_agent, "query-migrate")
+        if info.get("status") == "completed":
+            raise MigrationError("source handed over; not resuming it", source_resumed=False)
+        for _ in range(100):
+            state = (await self._qmp(self.src_agent, "query-status"))["status"]
+            if state == "running":
+                return
+            with contextlib.suppress(VmbeamError):
+                await self._qmp(self.src_agent, "cont")
+            await asyncio.sleep(0.05)
+        raise MigrationError("source did not resume", source_resumed=False)
+
+
+class _NestedRollback(Exception):
+    """Internal: failed before the switch; roll back to the source cloud VM."""
+
+
+__all__ = ["DEFAULT_LAB", "CloudOps", "NestedResult", "QMPCommandError", "lab_network"]
