@@ -21,7 +21,7 @@ import click
 
 from .bench import bench_flat, markdown_table, plot
 from .config import Accel, Settings
-from .errors import BadInputError, VmbeamError
+from .errors import BadInputError, LaunchError, VmbeamError
 from .host import Host
 from .migration import MigrationMode, MigrationOptions
 from .units import format_size, parse_size
@@ -97,16 +97,28 @@ def guest() -> None:
 @click.option("--touch", default="70%", show_default=True,
               help="Share of RAM the guest fills and keeps mutating.")
 @click.option("--qemu", help="QEMU binary (default qemu-system-x86_64).")
+@click.option("--cloud-vm", "cloud_vm", help="Run the guest inside this cloud VM (L1).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the guest's first heartbeat.")
 @json_option
 @click.pass_context
 @command
 async def guest_start(ctx: click.Context, name: str, memory: str, image: str, touch: str,
-                      qemu: str | None, wait: bool, as_json: bool) -> None:
+                      qemu: str | None, cloud_vm: str | None, wait: bool,
+                      as_json: bool) -> None:
     """Start guest NAME with its RAM in a new beam region."""
     async with Host(_settings(ctx)) as host:
-        _progress(f"starting guest {name} ({memory}, image {image}, touch {touch})")
+        where = f" in cloud VM {cloud_vm}" if cloud_vm else ""
+        _progress(f"starting guest {name}{where} ({memory}, image {image}, touch {touch})")
+        if cloud_vm:
+            rec = await host.cloud.start_guest(name, cloud_vm, memory, image=image,
+                                               touch=touch)
+            if wait and await host.cloud.wait_heartbeat(rec, timeout=300) is None:
+                await host.stop_guest(name)
+                raise LaunchError(f"guest {name!r} sent no heartbeat in {cloud_vm}")
+            st = await host.status(name)
+            _emit(as_json, st.to_json(), f"guest {name} running in {cloud_vm}")
+            return
         g = await host.start_guest(name, memory, image=image, touch=touch, qemu=qemu)
         if wait:
             timeout = 120 + 30 * parse_size(memory) / (1 << 30) + (240 if image == "linux"
@@ -171,19 +183,34 @@ async def guest_stop(ctx: click.Context, name: str, as_json: bool) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--local", is_flag=True, help="Move to a new QEMU process on this host.")
-@click.option("--mode", type=click.Choice([m.value for m in MigrationMode]),
-              default=MigrationMode.ZERO_COPY.value, show_default=True)
+@click.option("--to", "to", help="Move into this co-located cloud VM (L1).")
+@click.option("--mode", type=click.Choice(["auto", *(m.value for m in MigrationMode)]),
+              default="auto", show_default=True,
+              help="auto: zero-copy when the memory can be shared, else precopy.")
 @click.option("--qemu", help="QEMU binary for the destination (live update).")
 @click.option("--timeout", type=float, help="Seconds allowed before the switch.")
 @json_option
 @click.pass_context
 @command
-async def migrate(ctx: click.Context, name: str, local: bool, mode: str, qemu: str | None,
-                  timeout: float | None, as_json: bool) -> None:
+async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mode: str,
+                  qemu: str | None, timeout: float | None, as_json: bool) -> None:
     """Migrate guest NAME without copying its RAM (or by precopy)."""
-    if not local:
-        raise BadInputError("say where to: --local (a new QEMU process on this host)")
+    if local == (to is not None):
+        raise BadInputError("say where to: --local (a new QEMU process on this host) or "
+                            "--to CLOUD_VM")
     async with Host(_settings(ctx)) as host:
+        if to is not None:
+            _progress(f"migrating {name} ({mode}) to cloud VM {to}")
+            nres = await host.cloud.migrate(name, to, None if mode == "auto"
+                                            else MigrationMode(mode))
+            _emit(as_json, nres.to_json(),
+                  f"{name}: {nres.mode} {nres.source_cloud_vm} -> {nres.dest_cloud_vm} in "
+                  f"{nres.total_ms:.1f} ms (downtime {nres.downtime_ms} ms), "
+                  f"{nres.ram_transferred_bytes} bytes of RAM sent, source detached: "
+                  f"{nres.source_detached}, guest ok: {nres.guest_ok}")
+            return
+        if mode == "auto":
+            mode = MigrationMode.ZERO_COPY.value
         _progress(f"migrating {name} ({mode}) to a new local QEMU")
         res = await host.migrate(name, MigrationOptions(mode=MigrationMode(mode), qemu=qemu,
                                                         timeout=timeout))
@@ -192,6 +219,136 @@ async def migrate(ctx: click.Context, name: str, local: bool, mode: str, qemu: s
           f"{name}: {res.mode} migration {res.status} in {res.total_ms:.1f} ms (downtime "
           f"{res.downtime_ms} ms), {res.ram_transferred_bytes} bytes of RAM sent, shared "
           f"frames {ratio}, guest ok: {res.guest_ok}")
+
+
+# ------------------------------------------------------------------------------ cloud VMs
+@main.group("cloud-vm")
+def cloud_vm() -> None:
+    """Cloud VMs (L1) on this host, each rented by one tenant."""
+
+
+@cloud_vm.command("start")
+@click.argument("name")
+@click.option("--tenant", required=True)
+@click.option("--memory", default="2G", show_default=True)
+@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@json_option
+@click.pass_context
+@command
+async def cloud_vm_start(ctx: click.Context, name: str, tenant: str, memory: str, cpus: int,
+                         as_json: bool) -> None:
+    """Boot cloud VM NAME on the lab network and wait for its agent."""
+    from .nested import lab_network
+    async with Host(_settings(ctx)) as host:
+        _progress(f"booting cloud VM {name} (tenant {tenant}, {memory}, {cpus} CPUs)")
+        rec = await host.cloud.start_cloud_vm(name, tenant, memory, cpus, lab=lab_network())
+    _emit(as_json, _cvm_json(rec), f"cloud VM {name} running (pid {rec.pid}, {rec.ip})")
+
+
+def _cvm_json(rec: Any) -> dict[str, Any]:
+    return {"name": rec.name, "tenant": rec.tenant, "state": rec.state.value,
+            "memory_bytes": rec.memory, "cpus": rec.cpus, "pid": rec.pid, "ip": rec.ip,
+            "regions": sorted(rec.attachments)}
+
+
+@cloud_vm.command("list")
+@json_option
+@click.pass_context
+@command
+async def cloud_vm_list(ctx: click.Context, as_json: bool) -> None:
+    """List cloud VMs."""
+    async with Host(_settings(ctx)) as host:
+        vms = [_cvm_json(r) for r in host.store.cloud_vms()]
+    lines = [f"{'NAME':12} {'TENANT':10} {'STATE':9} {'IP':16} REGIONS"]
+    lines += [f"{v['name']:12} {v['tenant']:10} {v['state']:9} {v['ip']:16} "
+              f"{len(v['regions'])}" for v in vms]
+    _emit(as_json, vms, "\n".join(lines))
+
+
+@cloud_vm.command("stop")
+@click.argument("name")
+@json_option
+@click.pass_context
+@command
+async def cloud_vm_stop(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Stop cloud VM NAME, its guests and their regions."""
+    async with Host(_settings(ctx)) as host:
+        await host.cloud.stop_cloud_vm(name)
+    _emit(as_json, {"name": name, "status": "stopped"}, f"cloud VM {name} stopped")
+
+
+# ---------------------------------------------------------------------------------- lab
+@main.group()
+def lab() -> None:
+    """The embedded default topology: two cloud VMs of tenant-a, one of tenant-b."""
+
+
+@lab.command("up")
+@json_option
+@click.pass_context
+@command
+async def lab_up(ctx: click.Context, as_json: bool) -> None:
+    """Build the lab network and boot its cloud VMs."""
+    from .nested import DEFAULT_LAB, lab_network
+    async with Host(_settings(ctx)) as host:
+        net = lab_network()
+        have = {vm.name for vm in host.store.cloud_vms()}
+        todo = [(t, n) for t, names in DEFAULT_LAB.items() for n in names if n not in have]
+        _progress(f"lab: booting {len(todo)} cloud VM(s) on {net.subnet}")
+        try:
+            await asyncio.gather(*(host.cloud.start_cloud_vm(n, t, lab=net) for t, n in todo))
+        except BaseException:
+            await host.stop_all()
+            await asyncio.to_thread(net.destroy)
+            raise
+        vms = host.store.cloud_vms()
+    out: dict[str, Any] = {"cloud_vms": {t: [v.name for v in vms if v.tenant == t]
+                                         for t in DEFAULT_LAB},
+                           "network": net.subnet, "namespace": net.ns}
+    _emit(as_json, out, "\n".join(f"{t}: {', '.join(n)}" for t, n in out["cloud_vms"].items()))
+
+
+@lab.command("down")
+@json_option
+@click.pass_context
+@command
+async def lab_down(ctx: click.Context, as_json: bool) -> None:
+    """Stop every guest and cloud VM, remove the lab network."""
+    from .nested import lab_network
+    async with Host(_settings(ctx)) as host:
+        await host.stop_all()
+        net = lab_network()
+        await asyncio.to_thread(net.destroy)
+    _emit(as_json, {"status": "down"}, "lab down")
+
+
+# ------------------------------------------------------------------------------- regions
+@main.group()
+def region() -> None:
+    """Beam regions."""
+
+
+@region.command("list")
+@json_option
+@click.pass_context
+@command
+async def region_list(ctx: click.Context, as_json: bool) -> None:
+    """Every region in a cloud VM: size, tenant, and the cloud VMs it is attached to."""
+    async with Host(_settings(ctx)) as host:
+        vms = host.store.cloud_vms()
+        regions = host.store.regions()
+        for r in regions:
+            r["attached_to"] = [v.name for v in vms if r["region_id"] in v.attachments]
+        for g in host.store.guests():
+            if not g.cloud_vm and g.region_id:
+                regions.append({"region_id": g.region_id, "guest": g.name, "tenant": "",
+                                "ram_size": g.memory, "size": g.memory + 4096,
+                                "attached_to": [], "host_process": g.pid})
+    lines = [f"{'REGION':38} {'GUEST':12} {'TENANT':10} {'SIZE':>7} ATTACHED-TO"]
+    lines += [f"{r['region_id']:38} {r['guest']:12} {r['tenant'] or '-':10} "
+              f"{format_size(r['ram_size']):>7} {','.join(r['attached_to']) or '-'}"
+              for r in regions]
+    _emit(as_json, regions, "\n".join(lines))
 
 
 # --------------------------------------------------------------------------------- bench
