@@ -124,7 +124,7 @@ def cloudvm_argv(rec: CloudVMRecord, *, qemu: str, accel: str, images_dir: Path,
     if rec.ip:
         append += f" vmbeam.ip={rec.ip}"
     argv = [
-        qemu, "-name", f"cloudvm={rec.name},debug-threads=on",
+        qemu, "-name", f"cloudvm-{rec.name},debug-threads=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-accel", accel, "-machine", "q35", "-m", f"{rec.memory}B", "-smp", str(rec.cpus),
         "-kernel", str(images_dir / "linux" / "vmlinux"), "-initrd", str(img / "initrd.img"),
@@ -157,14 +157,14 @@ def mac_for(name: str) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
 
 
-async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | None
-                         ) -> QemuProcess:
+async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | None,
+                         agent: AgentClient) -> QemuProcess:
     """Start the L1 QEMU (inside the lab's namespace, where its tap lives) and wait for
-    its agent."""
+    its agent (on ``agent``: QEMU's chardev serves one client at a time)."""
     proc = await QemuProcess.launch(argv, Path(rec.qmp_path), Path(rec.log_path),
                                     netns=lab.ns if lab else None)
     try:
-        await rec.agent.wait_ready(BOOT_TIMEOUT)
+        await agent.wait_ready(BOOT_TIMEOUT)
     except BaseException:
         proc.kill()
         raise

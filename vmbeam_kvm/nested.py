@@ -137,7 +137,7 @@ class CloudOps:
                                                settings.images_dir)
             argv = cloudvm_argv(rec, qemu=qemu, accel=accel, images_dir=settings.images_dir,
                                 src_disk=disk, mac=mac_for(name))
-            proc = await launch_cloudvm(rec, argv, lab)
+            proc = await launch_cloudvm(rec, argv, lab, self.agent(rec))
             self.host.adopt(proc)
             rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
             rec.state = CloudVMState.RUNNING

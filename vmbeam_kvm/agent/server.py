@@ -72,6 +72,10 @@ def scan_regions(sysfs: Path = Path("/sys/bus/pci/devices")) -> list[MappedRegio
             continue
         if start == 0:
             continue  # BAR not assigned (yet)
+        # No driver binds ivshmem, so nothing turns memory decoding on for us.
+        with contextlib.suppress(OSError):
+            if (dev / "enable").read_text().strip() == "0":
+                (dev / "enable").write_text("1")
         size = end - start + 1
         try:
             ident = parse_identity(_read_phys(start + size - PAGE_SIZE, PAGE_SIZE), size)
@@ -129,6 +133,7 @@ class Agent:
             req_id, op, args = req["id"], req["op"], req.get("args", {})
         except (ValueError, KeyError, TypeError):
             return  # garbage or a partial line from a reconnect: nothing to answer
+        log.info("request %s %s", op, args)
         try:
             handler = getattr(self, f"op_{op}", None)
             if handler is None:
@@ -136,6 +141,7 @@ class Agent:
             reply = {"id": req_id, "ok": True, "result": await handler(**args)}
         except (VmbeamError, OSError, TypeError) as exc:
             reply = {"id": req_id, "ok": False, "error": str(exc), "type": type(exc).__name__}
+            log.warning("%s failed: %s", op, exc)
         writer.write(encode(reply))
         await writer.drain()
 
