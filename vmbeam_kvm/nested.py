@@ -324,7 +324,12 @@ class _NestedRun:
                 for agent in (self.src_agent, self.dst_agent):
                     await self._qmp(agent, "migrate-set-capabilities", {"capabilities": caps})
                 await self._qmp(self.src_agent, "migrate-set-parameters",
-                                {"max-bandwidth": 64 << 30})
+                                {"max-bandwidth": 64 << 30, "downtime-limit": 500})
+                if self.mode is MigrationMode.PRECOPY:
+                    # A TCG guest rewrites its pages faster than the L1-L1 virtio link
+                    # carries them: without throttling, precopy never converges.
+                    await self._qmp(self.src_agent, "migrate-set-capabilities", {
+                        "capabilities": [{"capability": "auto-converge", "state": True}]})
                 await self._qmp(self.dst_agent, "migrate-incoming",
                                 {"uri": f"tcp:0.0.0.0:{MIGRATION_PORT}"})
                 self._done("prepare")
@@ -351,7 +356,7 @@ class _NestedRun:
             self._done("confirm")
             # ---- RELOCATE: source L2 quits; its cloud VM lets go of the region --------
             self.store.journal(mig_id, MigrationPhase.RELOCATE)
-            old_region = self.rec.region_id
+            old_region, old_pid = self.rec.region_id, self.rec.pid
             self.rec.cloud_vm, self.rec.pid = self.dst_vm.name, new_pid
             self.rec.region_id, self.rec.state = self.dst_region_id, GuestState.RUNNING
             self.store.update_guest(self.rec)
@@ -369,7 +374,7 @@ class _NestedRun:
                 ram_transferred_bytes=int(info.get("ram", {}).get("transferred", 0)),
                 shared_frames_ratio=None, guest_ok=hb1 is not None and hb1.ok,
                 qemu_total_ms=info.get("total-time"), phases_ms=self.phases,
-                source_pid=self.rec.pid, dest_pid=new_pid, migration_id=mig_id,
+                source_pid=old_pid, dest_pid=new_pid, migration_id=mig_id,
                 memory_bytes=self.rec.memory, source_cloud_vm=self.src_vm.name,
                 dest_cloud_vm=self.dst_vm.name, source_detached=detached,
                 network_bytes=net, l0_cpu_seconds=round(cpu, 3), qemu_cpu_seconds=round(cpu, 3))

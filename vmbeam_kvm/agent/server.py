@@ -107,25 +107,32 @@ class Agent:
 
     # -- transport ------------------------------------------------------------------------
     async def serve(self) -> None:
+        """Serve forever; the port reads EOF whenever L0 is not connected, so reopen it."""
+        print(f"VMBEAM-AGENT ready {socket.gethostname()}", file=sys.stderr, flush=True)
+        while True:
+            await self._serve_once()
+            await asyncio.sleep(0.2)
+
+    async def _serve_once(self) -> None:
         loop = asyncio.get_running_loop()
         fd = os.open(self.port, os.O_RDWR | os.O_NOCTTY)
         reader = asyncio.StreamReader(limit=1 << 22)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                     os.fdopen(fd, "rb", buffering=0, closefd=False))
+        rtransport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
         wtransport, wproto = await loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin, os.fdopen(os.dup(fd), "wb", buffering=0))
         writer = asyncio.StreamWriter(wtransport, wproto, None, loop)
-        log.info("agent ready on %s", self.port)
-        print(f"VMBEAM-AGENT ready {socket.gethostname()}", file=sys.stderr, flush=True)
         tasks: set[asyncio.Task[None]] = set()
-        while True:
-            line = await reader.readline()
-            if not line:
-                await asyncio.sleep(0.2)  # host side not connected: the port reads EOF
-                continue
-            task = loop.create_task(self._handle(line, writer))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        try:
+            while line := await reader.readline():
+                task = loop.create_task(self._handle(line, writer))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:
+            rtransport.close()
+            wtransport.close()
 
     async def _handle(self, line: bytes, writer: asyncio.StreamWriter) -> None:
         try:
