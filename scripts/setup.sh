@@ -31,3 +31,4 @@ fi
 step "building guest images (incremental)"
 make -s -C images/testguest OUT="$PWD/build/images"
 make -s -C images/linux OUT="$PWD/build/images"
+make -s -C images/cloudvm OUT="$PWD/build/images"

@@ -241,7 +241,8 @@ async def cloud_vm_start(ctx: click.Context, name: str, tenant: str, memory: str
     from .nested import lab_network
     async with Host(_settings(ctx)) as host:
         _progress(f"booting cloud VM {name} (tenant {tenant}, {memory}, {cpus} CPUs)")
-        rec = await host.cloud.start_cloud_vm(name, tenant, memory, cpus, lab=lab_network())
+        rec = await host.cloud.start_cloud_vm(name, tenant, memory, cpus,
+                                              lab=lab_network(_settings(ctx)))
     _emit(as_json, _cvm_json(rec), f"cloud VM {name} running (pid {rec.pid}, {rec.ip})")
 
 
@@ -291,7 +292,7 @@ async def lab_up(ctx: click.Context, as_json: bool) -> None:
     """Build the lab network and boot its cloud VMs."""
     from .nested import DEFAULT_LAB, lab_network
     async with Host(_settings(ctx)) as host:
-        net = lab_network()
+        net = lab_network(_settings(ctx))
         have = {vm.name for vm in host.store.cloud_vms()}
         todo = [(t, n) for t, names in DEFAULT_LAB.items() for n in names if n not in have]
         _progress(f"lab: booting {len(todo)} cloud VM(s) on {net.subnet}")
@@ -317,7 +318,7 @@ async def lab_down(ctx: click.Context, as_json: bool) -> None:
     from .nested import lab_network
     async with Host(_settings(ctx)) as host:
         await host.stop_all()
-        net = lab_network()
+        net = lab_network(_settings(ctx))
         await asyncio.to_thread(net.destroy)
     _emit(as_json, {"status": "down"}, "lab down")
 

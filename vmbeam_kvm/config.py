@@ -42,6 +42,10 @@ class Settings:
         default_factory=lambda: os.environ.get("VMBEAM_QEMU", "qemu-system-x86_64"))
     accel: Accel = field(default_factory=lambda: Accel(os.environ.get("VMBEAM_ACCEL", "auto")))
     images_dir: Path = field(default_factory=_default_images_dir)
+    # The lab network of cloud VMs: a namespace of our own and a subnet inside it only.
+    lab_ns: str = field(default_factory=lambda: os.environ.get("VMBEAM_LAB_NS", "vmbeam-lab"))
+    lab_subnet: str = field(
+        default_factory=lambda: os.environ.get("VMBEAM_LAB_SUBNET", "10.203.0.0/24"))
 
     def resolve_qemu(self, binary: str | None = None) -> str:
         """Return the absolute path of a QEMU binary, or raise a clear error."""

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from .cloudvm import (
     launch_cloudvm,
     mac_for,
 )
+from .config import Settings
 from .errors import BadInputError, MigrationError, QMPCommandError, VmbeamError
 from .heartbeat import Heartbeat
 from .migration import MigrationMode, MigrationResult
@@ -44,16 +46,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LAB_NS = "vmbeam-lab"
-LAB_SUBNET = "10.203.0.0/24"
 MIGRATION_PORT = 4444
 # The embedded default topology of `lab up`.
 DEFAULT_LAB = {"tenant-a": ["l1a", "l1b"], "tenant-b": ["l1c"]}
 
 
-def lab_network() -> LabNetwork:
+def lab_network(settings: Settings | None = None) -> LabNetwork:
+    """The lab network of these settings (namespace and subnet are settings)."""
     from .net import LabNetwork
-    return LabNetwork(LAB_NS, LAB_SUBNET)
+    s = settings or Settings()
+    return LabNetwork(s.lab_ns, s.lab_subnet)
 
 
 @dataclass
@@ -165,7 +167,8 @@ class CloudOps:
             await agent.close()
         if rec.lab and rec.tap:
             from .net import LabNetwork
-            await asyncio.to_thread(LabNetwork(rec.lab, LAB_SUBNET).remove_tap, rec.tap)
+            await asyncio.to_thread(LabNetwork(rec.lab, self.host.settings.lab_subnet)
+                                    .remove_tap, rec.tap)
         self.store.remove_cloud_vm(name)
 
     # -- guests in cloud VMs --------------------------------------------------------------
@@ -240,9 +243,13 @@ class CloudOps:
             await asyncio.sleep(0.2)
 
     # -- migration ------------------------------------------------------------------------
-    async def migrate(self, name: str, to: str, mode: MigrationMode | None = None
+    async def migrate(self, name: str, to: str, mode: MigrationMode | None = None, *,
+                      before_switch: Callable[[AgentClient], Awaitable[None]] | None = None
                       ) -> NestedResult:
-        """Move guest ``name`` to cloud VM ``to`` (``mode`` None = auto)."""
+        """Move guest ``name`` to cloud VM ``to`` (``mode`` None = auto).
+
+        ``before_switch`` is a fault-injection hook for tests, given the destination agent.
+        """
         with self.store.lock_guest(name, "migrated"):
             rec = self.store.get_guest(name)
             if not rec.cloud_vm:
@@ -263,6 +270,7 @@ class CloudOps:
             if mode is MigrationMode.CPR_TRANSFER:
                 raise BadInputError("cpr-transfer is a local-only mode")
             run = _NestedRun(self, rec, src_vm, dst_vm, mode)
+            run.before_switch = before_switch
             return await run.execute()
 
 
@@ -279,6 +287,7 @@ class _NestedRun:
         self._mark = time.monotonic()
         self.dst_started = False
         self.dst_region_id = ""
+        self.before_switch: Callable[[AgentClient], Awaitable[None]] | None = None
 
     def _done(self, phase: str) -> None:
         now = time.monotonic()
@@ -332,6 +341,13 @@ class _NestedRun:
                         "capabilities": [{"capability": "auto-converge", "state": True}]})
                 await self._qmp(self.dst_agent, "migrate-incoming",
                                 {"uri": f"tcp:0.0.0.0:{MIGRATION_PORT}"})
+                if self.before_switch is not None:
+                    await self.before_switch(self.dst_agent)
+                # Last look before the point of no return: the destination's agent and its
+                # incoming QEMU must both still be there.
+                st = await self.dst_agent.call("status", name=name, timeout=10)
+                if st.get("run_state") != "inmigrate":
+                    raise BadInputError(f"destination QEMU is {st.get('run_state')}")
                 self._done("prepare")
             except VmbeamError as exc:
                 raise _NestedRollback(f"preparing the destination failed: {exc}") from exc
@@ -464,6 +480,9 @@ class _NestedRun:
         """Destination L2 and its region attachment go; the source runs (never both)."""
         if self.dst_started:
             with contextlib.suppress(VmbeamError):
+                # The agent may be restarting: wait for it rather than leave the
+                # incoming QEMU behind.
+                await self.dst_agent.wait_ready(30)
                 await self.dst_agent.call("stop_guest", name=self.rec.name, kill=True)
         if self.dst_region_id:
             with contextlib.suppress(VmbeamError):

@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import BadInputError, RegionError, VmbeamError
 from ..heartbeat import read_status
 from ..qemu.machine import GuestImage, MachineSpec, build_argv
-from ..qemu.process import QemuProcess
+from ..qemu.process import ProcessRef, QemuProcess
 from ..region import RegionIdentity, parse_identity
 from ..units import PAGE_SIZE
 from .protocol import PORT_NAME, encode
@@ -104,6 +104,23 @@ class Agent:
         self.port, self.state_dir, self.images_dir = port, state_dir, images_dir
         self.qemu, self.accel = qemu, accel
         self.guests: dict[str, L2Guest] = {}
+        self._readopt()
+
+    def _readopt(self) -> None:
+        """Take back the guests an earlier agent instance started (they outlive it)."""
+        for info in self.state_dir.glob("*/guest.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, VmbeamError):
+                d = json.loads(info.read_text())
+                ref = ProcessRef(d["pid"], d["start"])
+                if not ref.alive():
+                    continue
+                region = MappedRegion(d["pci"], d["bar_start"], d["bar_size"],
+                                      RegionIdentity(d["region_id"], d["ram_size"], d["name"], 0))
+                proc = QemuProcess.attach(ref, info.parent / "qmp.sock",
+                                          info.parent / "qemu.log")
+                self.guests[d["name"]] = L2Guest(d["name"], proc, info.parent / "serial.log",
+                                                 region)
+                log.info("re-adopted guest %s (pid %d)", d["name"], ref.pid)
 
     # -- transport ------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -197,6 +214,10 @@ class Agent:
                           incoming=["defer"] if incoming else None)
         proc = await QemuProcess.launch(argv, qmp, qlog)
         self.guests[name] = L2Guest(name, proc, serial, region)
+        (gdir / "guest.json").write_text(json.dumps({
+            "name": name, "pid": proc.pid, "start": proc.ref.start_time, "pci": region.pci,
+            "bar_start": region.bar_start, "bar_size": region.bar_size,
+            "region_id": region.identity.region_id, "ram_size": region.identity.ram_size}))
         return {"pid": proc.pid, "region": region.to_json()}
 
     def _guest(self, name: str) -> L2Guest:
@@ -224,11 +245,19 @@ class Agent:
         guest = self.guests.pop(name, None)
         if guest is None:
             return {"stopped": False}
+        with contextlib.suppress(OSError):
+            (self.state_dir / name / "guest.json").unlink()
         if kill:
             guest.proc.kill()
         else:
             await guest.proc.quit()
         return {"stopped": True}
+
+    async def op_restart(self) -> dict[str, Any]:
+        """Exit so that init starts the agent afresh (e.g. after an update); guests keep
+        running and are re-adopted."""
+        asyncio.get_running_loop().call_later(0.1, os._exit, 0)
+        return {"restarting": True}
 
 
 def main() -> None:

@@ -1,0 +1,146 @@
+"""Virtual IaaS: cloud VMs (L1, TCG) on this host, test guests (L2, TCG in TCG) inside them.
+
+One lab for the module (``lab up`` / ``lab down`` through the CLI): l1a and l1b of tenant-a,
+l1c of tenant-b, on a bridge in a namespace of the test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmbeam_kvm import Accel, Host, MigrationError, Settings
+from vmbeam_kvm.agent.protocol import AgentClient
+
+from .conftest import STATE_PREFIX, qemu_pids, run_cli
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[dict[str, Any]]:
+    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"))
+    env = {"VMBEAM_LAB_NS": f"vbt-lab-{os.getpid()}", "VMBEAM_LAB_SUBNET": "10.231.9.0/24"}
+    info: dict[str, Any] = {"state": state, "env": env}
+    try:
+        proc = run_cli(state, "lab", "up", "--json", env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["cloud_vms"] == {"tenant-a": ["l1a", "l1b"], "tenant-b": ["l1c"]}
+        info["lab"] = out
+        yield info
+    finally:
+        down = run_cli(state, "lab", "down", "--json", env=env, timeout=300)
+        leftover = qemu_pids(str(state))
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        shutil.rmtree(state, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+        assert leftover == [], "lab down left QEMU processes"
+        assert env["VMBEAM_LAB_NS"] not in netns, "lab down left its namespace"
+
+
+def cli(lab: dict[str, Any], *args: str, rc: int = 0) -> Any:
+    proc = run_cli(lab["state"], *args, "--json", env=lab["env"])
+    assert proc.returncode == rc, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def settings_of(lab: dict[str, Any]) -> Settings:
+    return Settings(state_dir=lab["state"], accel=Accel.TCG, lab_ns=lab["env"]["VMBEAM_LAB_NS"],
+                    lab_subnet=lab["env"]["VMBEAM_LAB_SUBNET"])
+
+
+def attached(lab: dict[str, Any], guest: str) -> list[str]:
+    regions = cli(lab, "region", "list")
+    return [vm for r in regions if r["guest"] == guest for vm in r["attached_to"]]
+
+
+@pytest.fixture
+def nested_guest(lab: dict[str, Any]) -> Iterator[str]:
+    st = cli(lab, "guest", "start", "n1", "--cloud-vm", "l1a", "--memory", "256M")
+    assert st["cloud_vm"] == "l1a" and st["tenant"] == "tenant-a" and st["memory_ok"] is True
+    yield "n1"
+    cli(lab, "guest", "stop", "n1")
+    assert cli(lab, "region", "list") == []  # stopping the guest released its region
+
+
+def test_zero_copy_between_cloud_vms(lab: dict[str, Any], nested_guest: str) -> None:
+    assert attached(lab, nested_guest) == ["l1a"]
+    seq = cli(lab, "guest", "status", nested_guest)["heartbeat"]["seq"]
+    for src, dst in (("l1a", "l1b"), ("l1b", "l1a")):
+        res = cli(lab, "migrate", nested_guest, "--to", dst)
+        assert res["mode"] == "zero-copy" and res["status"] == "completed"
+        assert (res["source_cloud_vm"], res["dest_cloud_vm"]) == (src, dst)
+        assert res["ram_transferred_bytes"] < MiB and res["guest_ok"] is True
+        assert res["network_bytes"] < 2 * MiB  # device state only crossed the L1-L1 link
+        assert res["source_detached"] is True
+        assert set(res["phases_ms"]) == {"share", "prepare", "switch", "confirm", "relocate"}
+        # Independent look through L0's view: the region is attached where the guest runs.
+        assert attached(lab, nested_guest) == [dst]
+        st = cli(lab, "guest", "status", nested_guest)
+        assert st["cloud_vm"] == dst and st["run_state"] == "running"
+        assert st["heartbeat"]["seq"] > seq and st["memory_ok"] is True
+        seq = st["heartbeat"]["seq"]
+
+
+def test_precopy_over_lab_network(lab: dict[str, Any], nested_guest: str) -> None:
+    res = cli(lab, "migrate", nested_guest, "--to", "l1b", "--mode", "precopy")
+    assert res["mode"] == "precopy" and res["guest_ok"] is True
+    assert res["ram_transferred_bytes"] > 100 * MiB  # the RAM itself crossed the network
+    assert res["network_bytes"] >= res["ram_transferred_bytes"]
+    assert attached(lab, nested_guest) == ["l1b"]  # a fresh region, the old one released
+
+
+def test_cross_tenant_refused(lab: dict[str, Any], nested_guest: str) -> None:
+    proc = run_cli(lab["state"], "migrate", nested_guest, "--to", "l1c", env=lab["env"])
+    assert proc.returncode == 2 and "refused" in proc.stderr and "tenant-b" in proc.stderr
+    assert attached(lab, nested_guest) == ["l1a"]
+    st = cli(lab, "guest", "status", nested_guest)
+    assert st["cloud_vm"] == "l1a" and st["run_state"] == "running" and st["memory_ok"]
+    # ...and the refusal is in the audit log.
+    assert any(e["subject"] == nested_guest and "l1c" in e["detail"] for e in _events(lab))
+
+
+def _events(lab: dict[str, Any]) -> list[dict[str, Any]]:
+    from vmbeam_kvm.store import Store
+    store = Store(lab["state"])
+    try:
+        return store.events("refused")
+    finally:
+        store.close()
+
+
+async def test_destination_agent_killed_before_switch(lab: dict[str, Any],
+                                                      nested_guest: str) -> None:
+    async def kill_agent(agent: AgentClient) -> None:
+        await agent.call("restart")  # the agent process exits; init restarts it
+
+    async with Host(settings_of(lab)) as host:
+        with pytest.raises(MigrationError) as err:
+            await host.cloud.migrate(nested_guest, "l1b", before_switch=kill_agent)
+        assert err.value.source_resumed
+        rec = host.store.get_guest(nested_guest)
+        assert rec.cloud_vm == "l1a"
+        hb0 = await host.cloud.heartbeat(rec)
+        hb1 = await host.cloud.wait_heartbeat(rec, hb0.seq if hb0 else -1, timeout=60)
+        assert hb1 is not None and hb1.ok
+        l1b = host.cloud.vm("l1b")
+        assert (await host.cloud.agent(l1b).wait_ready(60))["guests"] == []
+        assert l1b.attachments == {}
+    assert attached(lab, nested_guest) == ["l1a"]
+
+
+def test_cloud_vm_list(lab: dict[str, Any]) -> None:
+    vms = cli(lab, "cloud-vm", "list")
+    assert {(v["name"], v["tenant"], v["state"]) for v in vms} == {
+        ("l1a", "tenant-a", "running"), ("l1b", "tenant-a", "running"),
+        ("l1c", "tenant-b", "running")}
+    assert len({v["ip"] for v in vms}) == 3
