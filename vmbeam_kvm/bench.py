@@ -120,7 +120,8 @@ def ratio_lines(rows: Sequence[BenchRow]) -> list[str]:
     return out
 
 
-def plot(rows: Sequence[BenchRow], path: Path) -> None:
+def plot(rows: Sequence[BenchRow], path: Path,
+         title: str = "vmbeam-kvm: migration time vs guest size") -> None:
     """Total migration time (median, log scale) against guest size, one line per method."""
     import matplotlib
     matplotlib.use("Agg")
@@ -139,9 +140,74 @@ def plot(rows: Sequence[BenchRow], path: Path) -> None:
     ax.set_xlabel("guest memory (GiB)")
     ax.set_ylabel("total migration time (ms, log)")
     ax.set_yscale("log")
-    ax.set_title("vmbeam-kvm: local migration time vs guest size")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+NESTED_FIGURES = ("total_ms", "downtime_ms", "ram_transferred_bytes", "network_bytes",
+                  "l0_cpu_seconds")
+
+
+@dataclass
+class NestedRow(BenchRow):
+    """All repeats of one method at one guest size, between two co-located cloud VMs."""
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"method": self.method, "memory_bytes": self.memory_bytes,
+                               "repeats": len(self.results)}
+        for fig in NESTED_FIGURES:
+            row[fig] = summarize([getattr(r, fig) for r in self.results])
+        row["guest_ok"] = bool(self.results) and all(r.guest_ok for r in self.results)
+        row["source_detached"] = all(getattr(r, "source_detached", False)
+                                     for r in self.results)
+        return row
+
+
+async def bench_nested(host: Host, sizes: Sequence[int], *, cloud_vms: tuple[str, str],
+                       repeat: int = 3, touch: int = 70,
+                       progress: Callable[[str], None] = lambda _: None) -> list[NestedRow]:
+    """Zero-copy vs precopy of one guest between two co-located cloud VMs, per size."""
+    rows: list[NestedRow] = []
+    a, b = cloud_vms
+    for size in sizes:
+        zc = NestedRow(MigrationMode.ZERO_COPY.value, size)
+        pre = NestedRow(MigrationMode.PRECOPY.value, size)
+        name = f"bench-n{format_size(size)}"
+        progress(f"{format_size(size)}: starting guest {name} in {a}")
+        rec = await host.cloud.start_guest(name, a, size, touch=touch)
+        try:
+            if await host.cloud.wait_heartbeat(rec, timeout=300 + 300 * size / (1 << 30)) is None:
+                raise RuntimeError(f"guest {name} did not start in {a}")
+            where = a
+            for i in range(repeat):
+                for row, mode in ((zc, MigrationMode.ZERO_COPY), (pre, MigrationMode.PRECOPY)):
+                    to = b if where == a else a
+                    res = await host.cloud.migrate(name, to, mode)
+                    where = to
+                    row.results.append(res)
+                    progress(f"{format_size(size)} {mode.value} #{i + 1} -> {to}: "
+                             f"{res.total_ms:.0f} ms, downtime {res.downtime_ms} ms, "
+                             f"{res.network_bytes / 1e6:.1f} MB on the wire, L0 CPU "
+                             f"{res.l0_cpu_seconds:.1f} s, ok={res.guest_ok}")
+        finally:
+            await host.stop_guest(name, missing_ok=True)
+        rows += [zc, pre]
+    return rows
+
+
+def nested_table(rows: Sequence[NestedRow]) -> str:
+    lines = ["| size | method | total ms | downtime ms | RAM sent MB | L1-L1 wire MB "
+             "| L0 CPU s | guest ok | source detached |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for row in rows:
+        j = row.to_json()
+        lines.append(
+            f"| {format_size(row.memory_bytes)} | {row.method} | {_fmt(j['total_ms'])} "
+            f"| {_fmt(j['downtime_ms'])} | {_fmt(j['ram_transferred_bytes'], 1e-6, 2)} "
+            f"| {_fmt(j['network_bytes'], 1e-6, 2)} | {_fmt(j['l0_cpu_seconds'], 1, 2)} "
+            f"| {j['guest_ok']} | {j['source_detached']} |")
+    return "\n".join([*lines, "", *ratio_lines(rows)])

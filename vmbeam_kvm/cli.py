@@ -8,6 +8,7 @@ runs again, 4 unsafe state needing action, 1 any other failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -385,6 +386,46 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
     _emit(as_json, [r.to_json() for r in rows], markdown_table(rows))
     if as_json:
         click.echo(markdown_table(rows), err=True)
+
+
+@bench.command("nested")
+@click.option("--sizes", default="128M,256M,512M", show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True)
+@click.option("--touch", default="70%", show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path))
+@json_option
+@click.pass_context
+@command
+async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str,
+                           plot_path: Path | None, as_json: bool) -> None:
+    """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed)."""
+    from .bench import bench_nested, nested_table
+    from .nested import DEFAULT_LAB, lab_network
+    from .units import parse_percent
+    size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
+    pair = DEFAULT_LAB["tenant-a"]
+    async with Host(_settings(ctx)) as host:
+        have = {vm.name for vm in host.store.cloud_vms()}
+        started = [n for n in pair if n not in have]
+        net = lab_network(_settings(ctx))
+        try:
+            _progress(f"booting cloud VMs {started}" if started else "using the running lab")
+            await asyncio.gather(*(host.cloud.start_cloud_vm(n, "tenant-a", lab=net)
+                                   for n in started))
+            rows = await bench_nested(host, size_list, cloud_vms=(pair[0], pair[1]),
+                                      repeat=repeat, touch=parse_percent(touch),
+                                      progress=_progress)
+        finally:
+            for n in started:
+                with contextlib.suppress(VmbeamError):
+                    await host.cloud.stop_cloud_vm(n)
+            if started and not host.store.cloud_vms():
+                await asyncio.to_thread(net.destroy)
+    if plot_path is not None:
+        plot(rows, plot_path, "vmbeam-kvm: L2 migration between co-located cloud VMs")
+    _emit(as_json, [r.to_json() for r in rows], nested_table(rows))
+    if as_json:
+        click.echo(nested_table(rows), err=True)
 
 
 if __name__ == "__main__":
