@@ -291,23 +291,15 @@ def lab() -> None:
 @command
 async def lab_up(ctx: click.Context, as_json: bool) -> None:
     """Build the lab network and boot its cloud VMs."""
-    from .nested import DEFAULT_LAB, lab_network
-    async with Host(_settings(ctx)) as host:
-        net = lab_network(_settings(ctx))
-        have = {vm.name for vm in host.store.cloud_vms()}
-        todo = [(t, n) for t, names in DEFAULT_LAB.items() for n in names if n not in have]
-        _progress(f"lab: booting {len(todo)} cloud VM(s) on {net.subnet}")
-        try:
-            await asyncio.gather(*(host.cloud.start_cloud_vm(n, t, lab=net) for t, n in todo))
-        except BaseException:
-            await host.stop_all()
-            await asyncio.to_thread(net.destroy)
-            raise
-        vms = host.store.cloud_vms()
-    out: dict[str, Any] = {"cloud_vms": {t: [v.name for v in vms if v.tenant == t]
-                                         for t in DEFAULT_LAB},
-                           "network": net.subnet, "namespace": net.ns}
-    _emit(as_json, out, "\n".join(f"{t}: {', '.join(n)}" for t, n in out["cloud_vms"].items()))
+    from .nested import lab_up as do_lab_up
+    settings = _settings(ctx)
+    async with Host(settings) as host:
+        _progress(f"lab: booting cloud VMs on {settings.lab_subnet} (namespace "
+                  f"{settings.lab_ns})")
+        tenants = await do_lab_up(host)
+    out: dict[str, Any] = {"cloud_vms": tenants, "network": settings.lab_subnet,
+                           "namespace": settings.lab_ns}
+    _emit(as_json, out, "\n".join(f"{t}: {', '.join(n)}" for t, n in tenants.items()))
 
 
 @lab.command("down")
@@ -316,11 +308,9 @@ async def lab_up(ctx: click.Context, as_json: bool) -> None:
 @command
 async def lab_down(ctx: click.Context, as_json: bool) -> None:
     """Stop every guest and cloud VM, remove the lab network."""
-    from .nested import lab_network
+    from .nested import lab_down as do_lab_down
     async with Host(_settings(ctx)) as host:
-        await host.stop_all()
-        net = lab_network(_settings(ctx))
-        await asyncio.to_thread(net.destroy)
+        await do_lab_down(host)
     _emit(as_json, {"status": "down"}, "lab down")
 
 

@@ -32,7 +32,7 @@ from .cloudvm import (
     mac_for,
 )
 from .config import Settings
-from .errors import BadInputError, MigrationError, QMPCommandError, VmbeamError
+from .errors import BadInputError, MigrationError, VmbeamError
 from .heartbeat import Heartbeat
 from .migration import MigrationMode, MigrationResult
 from .qemu.process import ProcessRef, QemuProcess, cpu_seconds
@@ -56,6 +56,26 @@ def lab_network(settings: Settings | None = None) -> LabNetwork:
     from .net import LabNetwork
     s = settings or Settings()
     return LabNetwork(s.lab_ns, s.lab_subnet)
+
+
+async def lab_up(host: Host) -> dict[str, list[str]]:
+    """Boot the embedded default lab (idempotent); tenant -> cloud VM names."""
+    net = lab_network(host.settings)
+    have = {vm.name for vm in host.store.cloud_vms()}
+    todo = [(t, n) for t, names in DEFAULT_LAB.items() for n in names if n not in have]
+    try:
+        await asyncio.gather(*(host.cloud.start_cloud_vm(n, t, lab=net) for t, n in todo))
+    except BaseException:
+        await lab_down(host)
+        raise
+    vms = host.store.cloud_vms()
+    return {t: [v.name for v in vms if v.tenant == t] for t in DEFAULT_LAB}
+
+
+async def lab_down(host: Host) -> None:
+    """Stop every guest and cloud VM and remove the lab network."""
+    await host.stop_all()
+    await asyncio.to_thread(lab_network(host.settings).destroy)
 
 
 @dataclass
@@ -511,4 +531,4 @@ class _NestedRollback(Exception):
     """Internal: failed before the switch; roll back to the source cloud VM."""
 
 
-__all__ = ["DEFAULT_LAB", "CloudOps", "NestedResult", "QMPCommandError", "lab_network"]
+__all__ = ["DEFAULT_LAB", "CloudOps", "NestedResult", "lab_down", "lab_network", "lab_up"]
