@@ -10,7 +10,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,3 +146,32 @@ def test_cloud_vm_list(lab: dict[str, Any]) -> None:
         ("l1a", "tenant-a", "running"), ("l1b", "tenant-a", "running"),
         ("l1c", "tenant-b", "running")}
     assert len({v["ip"] for v in vms}) == 3
+
+
+def http_get(lab: dict[str, Any], ip: str, tries: int = 30) -> str:
+    """Fetch the Linux guest's page from the lab network's own endpoint (its namespace)."""
+    code = (f"import urllib.request; print(urllib.request.urlopen('http://{ip}:8080/', "
+            f"timeout=3).read().decode().strip())")
+    last = ""
+    for _ in range(tries):
+        proc = subprocess.run(["ip", "netns", "exec", lab["env"]["VMBEAM_LAB_NS"],
+                               sys.executable, "-c", code], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+        last = proc.stderr.strip().splitlines()[-1:]  # type: ignore[assignment]
+        time.sleep(1)
+    return f"unreachable: {last}"
+
+
+def test_linux_guest_network_follows_the_move(lab: dict[str, Any]) -> None:
+    st = cli(lab, "guest", "start", "web", "--cloud-vm", "l1a", "--memory", "256M",
+             "--image", "linux", "--touch", "40%")
+    try:
+        ip = st["ip"].split("/")[0]
+        assert ip and http_get(lab, ip) == "VMBEAM-LINUXGUEST"
+        res = cli(lab, "migrate", "web", "--to", "l1b")
+        assert res["guest_ok"] is True and res["ram_transferred_bytes"] < MiB
+        assert http_get(lab, ip) == "VMBEAM-LINUXGUEST"  # same address, now served from l1b
+        assert cli(lab, "guest", "status", "web")["cloud_vm"] == "l1b"
+    finally:
+        cli(lab, "guest", "stop", "web")

@@ -99,22 +99,24 @@ def guest() -> None:
               help="Share of RAM the guest fills and keeps mutating.")
 @click.option("--qemu", help="QEMU binary (default qemu-system-x86_64).")
 @click.option("--cloud-vm", "cloud_vm", help="Run the guest inside this cloud VM (L1).")
+@click.option("--net/--no-net", default=None,
+              help="NIC on the lab network (cloud VMs; default: for Linux guests).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the guest's first heartbeat.")
 @json_option
 @click.pass_context
 @command
 async def guest_start(ctx: click.Context, name: str, memory: str, image: str, touch: str,
-                      qemu: str | None, cloud_vm: str | None, wait: bool,
-                      as_json: bool) -> None:
+                      qemu: str | None, cloud_vm: str | None, net: bool | None,
+                      wait: bool, as_json: bool) -> None:
     """Start guest NAME with its RAM in a new beam region."""
     async with Host(_settings(ctx)) as host:
         where = f" in cloud VM {cloud_vm}" if cloud_vm else ""
         _progress(f"starting guest {name}{where} ({memory}, image {image}, touch {touch})")
         if cloud_vm:
             rec = await host.cloud.start_guest(name, cloud_vm, memory, image=image,
-                                               touch=touch)
-            if wait and await host.cloud.wait_heartbeat(rec, timeout=300) is None:
+                                               touch=touch, net=net)
+            if wait and await host.cloud.wait_heartbeat(rec, timeout=600) is None:
                 await host.stop_guest(name)
                 raise LaunchError(f"guest {name!r} sent no heartbeat in {cloud_vm}")
             st = await host.status(name)

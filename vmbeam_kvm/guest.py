@@ -43,6 +43,7 @@ class GuestStatus:
     serial_log: str
     cloud_vm: str = ""
     tenant: str = ""
+    ip: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

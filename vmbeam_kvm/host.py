@@ -238,7 +238,7 @@ class Host:
             alive=bool(st.get("alive")), run_state=st.get("run_state"), booted=hb is not None,
             ready=hb is not None, heartbeat=hb, memory_ok=None if hb is None else hb.ok,
             region_id=rec.region_id, instance=rec.instance, serial_log="",
-            cloud_vm=rec.cloud_vm, tenant=rec.tenant)
+            cloud_vm=rec.cloud_vm, tenant=rec.tenant, ip=rec.ip)
 
     async def stop_guest(self, name: str, *, missing_ok: bool = False) -> None:
         """Quit the guest's QEMU (its region goes with it) and forget the guest."""

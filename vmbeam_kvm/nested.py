@@ -192,9 +192,23 @@ class CloudOps:
         self.store.remove_cloud_vm(name)
 
     # -- guests in cloud VMs --------------------------------------------------------------
+    def _guest_ip(self, vm: CloudVMRecord) -> str:
+        """A free lab address for a guest (cloud VMs count up from .2, guests from .100)."""
+        from .net import LabNetwork
+        net = LabNetwork(vm.lab, self.host.settings.lab_subnet)
+        used = {g.ip for g in self.store.guests()} | {v.ip for v in self.store.cloud_vms()}
+        return next(a for a in (net.address(i) for i in range(99, 250)) if a not in used)
+
+    def _nic_args(self, rec: GuestRecord) -> dict[str, Any]:
+        return {"mac": mac_for(f"l2:{rec.name}"), "ip": rec.ip} if rec.ip else {}
+
     async def start_guest(self, name: str, cloud_vm: str, memory: int | str, *,
-                          image: str = "test", touch: int | str = 70) -> GuestRecord:
-        """Create the guest's region on L0, attach it to ``cloud_vm``, start the L2 there."""
+                          image: str = "test", touch: int | str = 70,
+                          net: bool | None = None) -> GuestRecord:
+        """Create the guest's region on L0, attach it to ``cloud_vm``, start the L2 there.
+
+        ``net`` gives the guest a NIC on the lab network (default: for Linux guests).
+        """
         size, pct = parse_size(memory), parse_percent(touch)
         if image not in ("test", "linux"):
             raise BadInputError(f"unknown image {image!r}: use test or linux")
@@ -203,6 +217,8 @@ class CloudOps:
         rec = GuestRecord(name=name, image=image, memory=size, touch=pct, accel="tcg",
                           qemu="qemu-system-x86_64", state=GuestState.STARTING,
                           cloud_vm=vm.name, tenant=vm.tenant)
+        if (image == "linux" if net is None else net) and vm.lab:
+            rec.ip = self._guest_ip(vm)
         self.store.add_guest(rec)
         proc = self.l1(vm)
         try:
@@ -213,7 +229,7 @@ class CloudOps:
                 rec.region_id = reg.region_id
                 started = await self.agent(vm).call(
                     "start_guest", name=name, memory=size, image=image, touch=pct,
-                    region_id=reg.region_id)
+                    region_id=reg.region_id, **self._nic_args(rec))
                 rec.pid, rec.state = int(started["pid"]), GuestState.RUNNING
                 self.store.update_guest(rec)
                 return rec
@@ -343,9 +359,11 @@ class _NestedRun:
                 self._done("share")
                 # ---- PREPARE: the destination agent verifies the region, starts L2 ----
                 self.store.journal(mig_id, MigrationPhase.PREPARE)
+                # The NIC (a tap on l1b's lab bridge) is plumbed before the switch.
                 await self.dst_agent.call("start_guest", name=name, memory=self.rec.memory,
                                           image=self.rec.image, touch=self.rec.touch,
-                                          region_id=self.dst_region_id, incoming=True)
+                                          region_id=self.dst_region_id, incoming=True,
+                                          **self.ops._nic_args(self.rec))
                 self.dst_started = True
                 caps = [{"capability": "return-path", "state": True},
                         {"capability": "x-ignore-shared",

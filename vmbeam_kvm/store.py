@@ -69,6 +69,7 @@ class GuestRecord:
     created_at: float = 0.0
     cloud_vm: str = ""  # the cloud VM (L1) running the guest; "" when it runs on this host
     tenant: str = ""
+    ip: str = ""        # the guest's address on the lab network (guests in cloud VMs)
 
 
 @dataclass
@@ -98,7 +99,7 @@ CREATE TABLE IF NOT EXISTS guests (
     name TEXT PRIMARY KEY, image TEXT, memory INTEGER, touch INTEGER, accel TEXT, qemu TEXT,
     state TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, serial_path TEXT,
     log_path TEXT, region_id TEXT, backend TEXT, instance INTEGER, created_at REAL,
-    cloud_vm TEXT DEFAULT '', tenant TEXT DEFAULT '');
+    cloud_vm TEXT DEFAULT '', tenant TEXT DEFAULT '', ip TEXT DEFAULT '');
 CREATE TABLE IF NOT EXISTS cloud_vms (
     name TEXT PRIMARY KEY, tenant TEXT, memory INTEGER, cpus INTEGER, state TEXT, lab TEXT,
     ip TEXT, tap TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, agent_path TEXT,
@@ -129,7 +130,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(guests)")}
-        for col in ("cloud_vm", "tenant"):  # stores made before cloud VMs existed
+        for col in ("cloud_vm", "tenant", "ip"):  # stores made before cloud VMs existed
             if col not in cols:
                 self._db.execute(f"ALTER TABLE guests ADD COLUMN {col} TEXT DEFAULT ''")
 

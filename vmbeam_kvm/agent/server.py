@@ -194,8 +194,27 @@ class Agent:
     async def op_verify_region(self, region_id: str) -> dict[str, Any]:
         return (await self._find_region(region_id)).to_json()
 
+    @staticmethod
+    def _tap(name: str) -> str:
+        return f"l2-{name}"[:15]
+
+    async def _plug_tap(self, tap: str) -> None:
+        """A tap on this cloud VM's lab bridge for a guest's NIC."""
+        for cmd in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+                    ["ip", "link", "set", tap, "master", "br0", "up"]):
+            proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode:
+                raise BadInputError(f"{' '.join(cmd)}: {err.decode().strip()}")
+
+    async def _unplug_tap(self, name: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "link", "del", self._tap(name), stderr=asyncio.subprocess.DEVNULL)
+        await proc.wait()
+
     async def op_start_guest(self, name: str, memory: int, image: str, touch: int,
-                             region_id: str, incoming: bool = False) -> dict[str, Any]:
+                             region_id: str, incoming: bool = False, mac: str = "",
+                             ip: str = "") -> dict[str, Any]:
         if name in self.guests and self.guests[name].proc.alive():
             raise BadInputError(f"guest {name!r} already runs in this cloud VM")
         region = await self._find_region(region_id)
@@ -207,12 +226,21 @@ class Agent:
         qmp, serial, qlog = gdir / "qmp.sock", gdir / "serial.log", gdir / "qemu.log"
         with contextlib.suppress(FileNotFoundError):
             serial.unlink()
+        nic = None
+        if mac:
+            await self._unplug_tap(name)  # a leftover of an earlier attempt
+            await self._plug_tap(self._tap(name))
+            nic = (self._tap(name), mac)
         spec = MachineSpec(name, memory, GuestImage(image), touch, self.accel, self.qemu,
-                           self.images_dir)
+                           self.images_dir, nic=nic, guest_ip=ip)
         argv = build_argv(spec, qmp_path=qmp, serial_path=serial, ram_path="/dev/mem",
                           ram_offset=region.bar_start,
                           incoming=["defer"] if incoming else None)
-        proc = await QemuProcess.launch(argv, qmp, qlog)
+        try:
+            proc = await QemuProcess.launch(argv, qmp, qlog)
+        except VmbeamError:
+            await self._unplug_tap(name)
+            raise
         self.guests[name] = L2Guest(name, proc, serial, region)
         (gdir / "guest.json").write_text(json.dumps({
             "name": name, "pid": proc.pid, "start": proc.ref.start_time, "pci": region.pci,
@@ -251,6 +279,7 @@ class Agent:
             guest.proc.kill()
         else:
             await guest.proc.quit()
+        await self._unplug_tap(name)
         return {"stopped": True}
 
     async def op_restart(self) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class MachineSpec:
     qemu: str
     images_dir: Path
     backend: RamBackend = RamBackend.REGION
+    nic: tuple[str, str] | None = None  # (tap name, MAC): a virtio NIC on that tap
+    guest_ip: str = ""                  # address/prefix the Linux guest configures
 
     def boot_args(self) -> list[str]:
         if self.image is GuestImage.TEST:
@@ -54,7 +56,8 @@ class MachineSpec:
             files = [kernel, initrd]
             args = ["-kernel", str(kernel), "-initrd", str(initrd),
                     "-append", f"console=ttyS0 quiet cryptomgr.notests mitigations=off "
-                             f"panic=-1 touch={self.touch}"]
+                             f"panic=-1 touch={self.touch}"
+                             + (f" vmbeam.ip={self.guest_ip}" if self.guest_ip else "")]
         for f in files:
             if not f.is_file():
                 raise BadInputError(f"guest image {f} is missing: run `make images`")
@@ -93,6 +96,10 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
     ]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
+    if spec.nic is not None:
+        tap, mac = spec.nic
+        argv += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
     argv += spec.boot_args()
     for inc in incoming or []:
         argv += ["-incoming", inc]
