@@ -165,7 +165,7 @@ def http_get(lab: dict[str, Any], ip: str, tries: int = 30) -> str:
 
 def test_linux_guest_network_follows_the_move(lab: dict[str, Any]) -> None:
     st = cli(lab, "guest", "start", "web", "--cloud-vm", "l1a", "--memory", "256M",
-             "--image", "linux", "--touch", "40%")
+             "--image", "linux", "--touch", "20%")
     try:
         ip = st["ip"].split("/")[0]
         assert ip and http_get(lab, ip) == "VMBEAM-LINUXGUEST"

@@ -116,7 +116,7 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
         if cloud_vm:
             rec = await host.cloud.start_guest(name, cloud_vm, memory, image=image,
                                                touch=touch, net=net)
-            if wait and await host.cloud.wait_heartbeat(rec, timeout=600) is None:
+            if wait and await host.cloud.wait_heartbeat(rec, timeout=1200) is None:
                 await host.stop_guest(name)
                 raise LaunchError(f"guest {name!r} sent no heartbeat in {cloud_vm}")
             st = await host.status(name)
