@@ -163,6 +163,7 @@ def http_get(lab: dict[str, Any], ip: str, tries: int = 30) -> str:
     return f"unreachable: {last}"
 
 
+@pytest.mark.timeout(1500)  # a Debian kernel under TCG inside TCG boots in minutes
 def test_linux_guest_network_follows_the_move(lab: dict[str, Any]) -> None:
     st = cli(lab, "guest", "start", "web", "--cloud-vm", "l1a", "--memory", "256M",
              "--image", "linux", "--touch", "20%")
