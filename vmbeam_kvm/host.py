@@ -32,7 +32,7 @@ from .nested import CloudOps
 from .qemu.machine import GuestImage, MachineSpec, RamBackend, build_argv
 from .qemu.process import ProcessRef, QemuProcess
 from .region import BeamRegion
-from .store import GuestRecord, GuestState, Store
+from .store import GuestRecord, GuestState, MigrationPhase, Store
 from .units import PAGE_SIZE, parse_percent, parse_size
 
 log = logging.getLogger(__name__)
@@ -277,4 +277,14 @@ class Host:
         for mig in self.store.unfinished_migrations():
             if self.store.guest_locked(mig.guest):
                 continue  # still in progress in another command
+            with contextlib.suppress(UnknownGuestError):
+                rec = self.store.get_guest(mig.guest)
+                if rec.cloud_vm:
+                    # Nested migrations are not resolved automatically yet: never guess
+                    # which cloud VM's copy may run; flag the guest for an operator.
+                    rec.state = GuestState.NEEDS_ACTION
+                    self.store.update_guest(rec)
+                    self.store.journal(mig.id, MigrationPhase.FAILED,
+                                       error="nested migration interrupted: needs action")
+                    continue
             await recover(self, mig)
