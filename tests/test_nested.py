@@ -6,6 +6,7 @@ l1c of tenant-b, on a bridge in a namespace of the test's own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -49,8 +50,8 @@ def lab() -> Iterator[dict[str, Any]]:
         assert env["VMBEAM_LAB_NS"] not in netns, "lab down left its namespace"
 
 
-def cli(lab: dict[str, Any], *args: str, rc: int = 0) -> Any:
-    proc = run_cli(lab["state"], *args, "--json", env=lab["env"])
+def cli(lab: dict[str, Any], *args: str, rc: int = 0, timeout: float = 300) -> Any:
+    proc = run_cli(lab["state"], *args, "--json", env=lab["env"], timeout=timeout)
     assert proc.returncode == rc, proc.stderr
     return json.loads(proc.stdout)
 
@@ -124,6 +125,7 @@ async def test_destination_agent_killed_before_switch(lab: dict[str, Any],
                                                       nested_guest: str) -> None:
     async def kill_agent(agent: AgentClient) -> None:
         await agent.call("restart")  # the agent process exits; init restarts it
+        await asyncio.sleep(0.5)     # ...and is really gone before the next request
 
     async with Host(settings_of(lab)) as host:
         with pytest.raises(MigrationError) as err:
@@ -163,10 +165,11 @@ def http_get(lab: dict[str, Any], ip: str, tries: int = 30) -> str:
     return f"unreachable: {last}"
 
 
-@pytest.mark.timeout(1500)  # a Debian kernel under TCG inside TCG boots in minutes
+@pytest.mark.timeout(2000)  # a Debian kernel under TCG inside TCG boots in minutes
 def test_linux_guest_network_follows_the_move(lab: dict[str, Any]) -> None:
+    # A Debian kernel under TCG inside TCG boots in minutes.
     st = cli(lab, "guest", "start", "web", "--cloud-vm", "l1a", "--memory", "256M",
-             "--image", "linux", "--touch", "20%")
+             "--image", "linux", "--touch", "20%", timeout=1300)
     try:
         ip = st["ip"].split("/")[0]
         assert ip and http_get(lab, ip) == "VMBEAM-LINUXGUEST"

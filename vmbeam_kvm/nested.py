@@ -360,10 +360,10 @@ class _NestedRun:
                 # ---- PREPARE: the destination agent verifies the region, starts L2 ----
                 self.store.journal(mig_id, MigrationPhase.PREPARE)
                 # The NIC (a tap on l1b's lab bridge) is plumbed before the switch.
-                await self.dst_agent.call("start_guest", name=name, memory=self.rec.memory,
-                                          image=self.rec.image, touch=self.rec.touch,
-                                          region_id=self.dst_region_id, incoming=True,
-                                          **self.ops._nic_args(self.rec))
+                started = await self.dst_agent.call(
+                    "start_guest", name=name, memory=self.rec.memory, image=self.rec.image,
+                    touch=self.rec.touch, region_id=self.dst_region_id, incoming=True,
+                    **self.ops._nic_args(self.rec))
                 self.dst_started = True
                 caps = [{"capability": "return-path", "state": True},
                         {"capability": "x-ignore-shared",
@@ -384,6 +384,8 @@ class _NestedRun:
                 # Last look before the point of no return: the destination's agent and its
                 # incoming QEMU must both still be there.
                 st = await self.dst_agent.call("status", name=name, timeout=10)
+                if st.get("agent_pid") != started.get("agent_pid"):
+                    raise BadInputError("the destination agent restarted during prepare")
                 if st.get("run_state") != "inmigrate":
                     raise BadInputError(f"destination QEMU is {st.get('run_state')}")
                 self._done("prepare")

@@ -104,20 +104,30 @@ class Agent:
         self.port, self.state_dir, self.images_dir = port, state_dir, images_dir
         self.qemu, self.accel = qemu, accel
         self.guests: dict[str, L2Guest] = {}
-        self._readopt()
 
-    def _readopt(self) -> None:
-        """Take back the guests an earlier agent instance started (they outlive it)."""
+    async def _readopt(self) -> None:
+        """Take back the guests an earlier agent instance started (they outlive it).
+
+        A guest still waiting for its incoming migration is dropped: the orchestrator that
+        was preparing it talked to the dead agent and will roll back, so it must not run.
+        """
         for info in self.state_dir.glob("*/guest.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, VmbeamError):
                 d = json.loads(info.read_text())
                 ref = ProcessRef(d["pid"], d["start"])
                 if not ref.alive():
+                    info.unlink()
                     continue
                 region = MappedRegion(d["pci"], d["bar_start"], d["bar_size"],
                                       RegionIdentity(d["region_id"], d["ram_size"], d["name"], 0))
                 proc = QemuProcess.attach(ref, info.parent / "qmp.sock",
                                           info.parent / "qemu.log")
+                if await proc.run_state() == "inmigrate":
+                    log.info("dropping half-prepared incoming guest %s", d["name"])
+                    proc.kill()
+                    info.unlink()
+                    await self._unplug_tap(d["name"])
+                    continue
                 self.guests[d["name"]] = L2Guest(d["name"], proc, info.parent / "serial.log",
                                                  region)
                 log.info("re-adopted guest %s (pid %d)", d["name"], ref.pid)
@@ -125,6 +135,7 @@ class Agent:
     # -- transport ------------------------------------------------------------------------
     async def serve(self) -> None:
         """Serve forever; the port reads EOF whenever L0 is not connected, so reopen it."""
+        await self._readopt()
         print(f"VMBEAM-AGENT ready {socket.gethostname()}", file=sys.stderr, flush=True)
         while True:
             await self._serve_once()
@@ -246,7 +257,7 @@ class Agent:
             "name": name, "pid": proc.pid, "start": proc.ref.start_time, "pci": region.pci,
             "bar_start": region.bar_start, "bar_size": region.bar_size,
             "region_id": region.identity.region_id, "ram_size": region.identity.ram_size}))
-        return {"pid": proc.pid, "region": region.to_json()}
+        return {"pid": proc.pid, "region": region.to_json(), "agent_pid": os.getpid()}
 
     def _guest(self, name: str) -> L2Guest:
         guest = self.guests.get(name)
@@ -266,6 +277,7 @@ class Agent:
                 run_state = await guest.proc.run_state()
         hb = read_status(guest.serial).heartbeat
         return {"alive": alive, "run_state": run_state, "pid": guest.proc.pid,
+                "agent_pid": os.getpid(),
                 "heartbeat": None if hb is None else hb.__dict__,
                 "region_id": guest.region.identity.region_id}
 
