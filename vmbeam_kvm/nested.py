@@ -344,6 +344,7 @@ class _NestedRun:
         net0 = await asyncio.to_thread(self._net_bytes)
         try:
             # ---- SHARE: the guest's region (or a fresh one for precopy) to the dest ----
+            self.store.journal(mig_id, MigrationPhase.SHARE)
             try:
                 if self.mode is MigrationMode.ZERO_COPY:
                     region = await self._reopen_region()

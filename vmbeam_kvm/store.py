@@ -39,6 +39,7 @@ class GuestState(StrEnum):
 class MigrationPhase(StrEnum):
     """Journaled phases of a migration (in order), plus its two ends."""
 
+    SHARE = "share"        # nested: the region being attached to the destination cloud VM
     PREPARE = "prepare"    # destination QEMU starting on the shared region
     SWITCH = "switch"      # device state streaming; source may be stopped
     CONFIRM = "confirm"    # source completed; waiting for the destination to run
