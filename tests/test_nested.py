@@ -165,6 +165,7 @@ def http_get(lab: dict[str, Any], ip: str, tries: int = 30) -> str:
     return f"unreachable: {last}"
 
 
+@pytest.mark.slow  # `make test-slow`: ~9 min, and flaky under load (see the issue note)
 @pytest.mark.timeout(2000)  # a Debian kernel under TCG inside TCG boots in minutes
 def test_linux_guest_network_follows_the_move(lab: dict[str, Any]) -> None:
     # A Debian kernel under TCG inside TCG boots in minutes.

@@ -17,6 +17,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,35 +135,38 @@ class Agent:
 
     # -- transport ------------------------------------------------------------------------
     async def serve(self) -> None:
-        """Serve forever; the port reads EOF whenever L0 is not connected, so reopen it."""
+        """Serve forever on the port.
+
+        The port reads EOF whenever L0 is not connected; it is never closed in between,
+        because closing a virtio-serial port discards requests already queued in it.
+        """
         await self._readopt()
         print(f"VMBEAM-AGENT ready {socket.gethostname()}", file=sys.stderr, flush=True)
-        while True:
-            await self._serve_once()
-            await asyncio.sleep(0.2)
-
-    async def _serve_once(self) -> None:
         loop = asyncio.get_running_loop()
-        fd = os.open(self.port, os.O_RDWR | os.O_NOCTTY)
-        reader = asyncio.StreamReader(limit=1 << 22)
-        rtransport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
-        wtransport, wproto = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(fd), "wb", buffering=0))
-        writer = asyncio.StreamWriter(wtransport, wproto, None, loop)
+        self._fd = os.open(self.port, os.O_RDWR | os.O_NOCTTY)
+        self._write_lock = threading.Lock()
         tasks: set[asyncio.Task[None]] = set()
-        try:
-            while line := await reader.readline():
-                task = loop.create_task(self._handle(line, writer))
+        buf = b""
+        while True:
+            chunk = await loop.run_in_executor(None, os.read, self._fd, 1 << 16)
+            if not chunk:
+                buf = b""  # L0 went away: a partial line of its is garbage
+                await asyncio.sleep(0.1)
+                continue
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                task = loop.create_task(self._handle(line))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.wait(tasks)
-        finally:
-            rtransport.close()
-            wtransport.close()
 
-    async def _handle(self, line: bytes, writer: asyncio.StreamWriter) -> None:
+    def _write(self, data: bytes) -> None:
+        with self._write_lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+
+    async def _handle(self, line: bytes) -> None:
         try:
             req = json.loads(line)
             req_id, op, args = req["id"], req["op"], req.get("args", {})
@@ -177,8 +181,10 @@ class Agent:
         except (VmbeamError, OSError, TypeError) as exc:
             reply = {"id": req_id, "ok": False, "error": str(exc), "type": type(exc).__name__}
             log.warning("%s failed: %s", op, exc)
-        writer.write(encode(reply))
-        await writer.drain()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._write, encode(reply))
+        except OSError as exc:
+            log.warning("reply to %s lost: %s", op, exc)
 
     # -- operations -----------------------------------------------------------------------
     async def op_ping(self) -> dict[str, Any]:
@@ -306,7 +312,8 @@ def main() -> None:
     port = Path(os.environ.get("VMBEAM_AGENT_PORT", f"/dev/virtio-ports/{PORT_NAME}"))
     agent = Agent(port, Path(os.environ.get("VMBEAM_AGENT_STATE", "/run/vmbeam")),
                   Path(os.environ.get("VMBEAM_IMAGES_DIR", "/opt/vmbeam/images")),
-                  accel=os.environ.get("VMBEAM_AGENT_ACCEL", "tcg"))
+                  # A small translation cache: TCG's default (1 GiB) crowds a 2 GiB cloud VM.
+                  accel=os.environ.get("VMBEAM_AGENT_ACCEL", "tcg,tb-size=256"))
     asyncio.run(agent.serve())
 
 
