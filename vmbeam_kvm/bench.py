@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .host import Host
 from .migration import MigrationMode, MigrationOptions, MigrationResult
@@ -38,11 +38,12 @@ class BenchRow:
     method: str
     memory_bytes: int
     results: list[MigrationResult] = field(default_factory=list)
+    figures: ClassVar[tuple[str, ...]] = FIGURES
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"method": self.method, "memory_bytes": self.memory_bytes,
                                "repeats": len(self.results)}
-        for fig in FIGURES:
+        for fig in self.figures:
             row[fig] = summarize([getattr(r, fig) for r in self.results])
         row["guest_ok"] = bool(self.results) and all(r.guest_ok for r in self.results)
         return row
@@ -156,12 +157,10 @@ NESTED_FIGURES = ("total_ms", "downtime_ms", "ram_transferred_bytes", "network_b
 class NestedRow(BenchRow):
     """All repeats of one method at one guest size, between two co-located cloud VMs."""
 
+    figures: ClassVar[tuple[str, ...]] = NESTED_FIGURES
+
     def to_json(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"method": self.method, "memory_bytes": self.memory_bytes,
-                               "repeats": len(self.results)}
-        for fig in NESTED_FIGURES:
-            row[fig] = summarize([getattr(r, fig) for r in self.results])
-        row["guest_ok"] = bool(self.results) and all(r.guest_ok for r in self.results)
+        row = super().to_json()
         row["source_detached"] = all(getattr(r, "source_detached", False)
                                      for r in self.results)
         return row

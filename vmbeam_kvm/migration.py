@@ -188,6 +188,9 @@ class _LocalRun:
         self.phases: dict[str, float] = {}
         self._mark = time.monotonic()
         self.sampler = _Sampler([src])
+        self._dst_fd: int | None = None  # the destination's region fd, once verified
+        self._cpr_channels: list[dict[str, Any]] = []
+        self._cpr_main: Path | None = None
 
     def _phase_done(self, phase: MigrationPhase) -> None:
         now = time.monotonic()
@@ -348,8 +351,6 @@ class _LocalRun:
         except (RegionError, OSError):
             return None
 
-    _dst_fd: int | None = None
-
     async def _verify_shared(self, region: BeamRegion) -> None:
         """Refuse unless the destination maps this very region, shared (DESIGN §4.3, §4.4)."""
         assert self.dst is not None
@@ -467,38 +468,51 @@ class _LocalRun:
         if self.dst is not None:
             self.dst.kill()
             self.host.forget(self.dst)
-        await resume_source(self.src, self.rec.name)
+        await _local_resume(self.src, self.rec.name)
         self.rec.state = GuestState.RUNNING
         self.store.update_guest(self.rec)
         self.store.journal(self.mig_id, MigrationPhase.FAILED, error=why)
 
 
-async def resume_source(src: QemuProcess, name: str) -> None:
-    """Ensure a source whose migration did not complete runs again."""
-    if not src.alive():
-        raise MigrationError(f"source QEMU of {name!r} is gone", source_resumed=False)
-    info = await src.execute("query-migrate")
-    if info.get("status") in ("active", "setup", "device", "pre-switchover"):
-        await src.execute("migrate_cancel")
+QMPExecute = Callable[[str, "dict[str, Any] | None"], Awaitable[Any]]
+_IN_FLIGHT = ("active", "setup", "device", "pre-switchover", "cancelling")
+
+
+async def resume_source(execute: QMPExecute, name: str) -> None:
+    """Ensure a source whose migration did not complete runs again.
+
+    ``execute`` runs a QMP command on the source QEMU, directly (this host) or through a
+    cloud VM's agent, so both topologies share one rule: a ``completed`` source is never
+    resumed.
+    """
+    info = await execute("query-migrate", None)
+    if info.get("status") in _IN_FLIGHT:
+        await execute("migrate_cancel", None)
         for _ in range(500):
-            info = await src.execute("query-migrate")
-            if info.get("status") not in ("active", "setup", "device", "pre-switchover",
-                                          "cancelling"):
+            info = await execute("query-migrate", None)
+            if info.get("status") not in _IN_FLIGHT:
                 break
             await asyncio.sleep(0.01)
     if info.get("status") == "completed":
         raise MigrationError(f"source of {name!r} already handed over; not resuming it",
                              source_resumed=False)
+    state = "?"
     for _ in range(500):
-        state = await src.run_state()
+        state = (await execute("query-status", None))["status"]
         if state == "running":
             return
         if state in ("paused", "postmigrate", "finish-migrate"):
-            with contextlib.suppress(QMPCommandError):
-                await src.execute("cont")
+            with contextlib.suppress(VmbeamError):
+                await execute("cont", None)
         await asyncio.sleep(0.01)
     raise MigrationError(f"source of {name!r} did not resume (state {state})",
                          source_resumed=False)
+
+
+def _local_resume(src: QemuProcess, name: str) -> Awaitable[None]:
+    if not src.alive():
+        raise MigrationError(f"source QEMU of {name!r} is gone", source_resumed=False)
+    return resume_source(src.execute, name)
 
 
 async def recover(host: Host, mig: MigrationRecord) -> None:
@@ -554,7 +568,7 @@ async def recover(host: Host, mig: MigrationRecord) -> None:
                 return
             if info.get("status") == "completed":
                 await src.execute("cont")  # the destination never executed: safe
-            await resume_source(src, rec.name)
+            await _local_resume(src, rec.name)
             rec.state = GuestState.RUNNING
             store.update_guest(rec)
             store.journal(mig.id, MigrationPhase.FAILED,

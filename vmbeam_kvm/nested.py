@@ -34,7 +34,7 @@ from .cloudvm import (
 from .config import Settings
 from .errors import BadInputError, MigrationError, VmbeamError
 from .heartbeat import Heartbeat
-from .migration import MigrationMode, MigrationResult
+from .migration import MigrationMode, MigrationResult, resume_source
 from .qemu.process import ProcessRef, QemuProcess, cpu_seconds
 from .region import BeamRegion
 from .store import GuestRecord, GuestState, MigrationPhase
@@ -531,21 +531,8 @@ class _NestedRun:
             self.store.update_cloud_vm(self.dst_vm)
             if self.dst_region_id != self.rec.region_id:
                 self.store.remove_region(self.dst_region_id)
-        info = await self._qmp(self.src_agent, "query-migrate")
-        if info.get("status") in ("active", "setup", "device"):
-            await self._qmp(self.src_agent, "migrate_cancel")
-            await asyncio.sleep(0.2)
-            info = await self._qmp(self.src_agent, "query-migrate")
-        if info.get("status") == "completed":
-            raise MigrationError("source handed over; not resuming it", source_resumed=False)
-        for _ in range(100):
-            state = (await self._qmp(self.src_agent, "query-status"))["status"]
-            if state == "running":
-                return
-            with contextlib.suppress(VmbeamError):
-                await self._qmp(self.src_agent, "cont")
-            await asyncio.sleep(0.05)
-        raise MigrationError("source did not resume", source_resumed=False)
+        await resume_source(lambda cmd, args: self._qmp(self.src_agent, cmd, args),
+                            self.rec.name)
 
 
 class _NestedRollback(Exception):
