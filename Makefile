@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export VMBEAM_ACCEL ?= auto
 
-.PHONY: setup images demo test test-slow lint bench clean
+.PHONY: setup images demo test lint bench clean
 setup:
 	@bash scripts/setup.sh
 
@@ -16,11 +16,7 @@ lint: setup
 	.venv/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q -ra -m "not slow" tests
-
-# The Linux guest inside a cloud VM (TCG in TCG): minutes per boot.
-test-slow: lint
-	$(PY) -m pytest -q -ra -m slow tests
+	$(PY) -m pytest -q -ra tests
 
 bench: setup
 	.venv/bin/vmbeam-kvm --state-dir build/bench-state bench flat --sizes 1G,4G,8G --repeat 3 \

@@ -83,3 +83,35 @@ def test_region_pow2_layout() -> None:
         assert r.size == 512 << 20  # a PCI BAR must be a power of two
         assert read_identity(r.fd) == r.identity
         assert os.fstat(r.fd).st_blocks * 512 <= 8192  # the padding costs nothing
+
+
+class _FakeSource:
+    """The QMP answers of a source QEMU whose migration ended in ``status``."""
+
+    def __init__(self, status: str) -> None:
+        self.migration, self.run_state = status, "postmigrate"
+        self.sent: list[str] = []
+
+    async def execute(self, cmd: str, args: object) -> dict[str, str]:
+        self.sent.append(cmd)
+        if cmd == "cont":
+            self.run_state = "running"
+        return {"status": self.migration if cmd == "query-migrate" else self.run_state}
+
+
+@pytest.mark.parametrize(("status", "never_ran", "resumed"), [
+    ("failed", False, True), ("cancelled", False, True),
+    ("completed", False, False),  # handed over: the destination may have run
+    ("completed", True, True),    # ...unless it was seen never to run
+])
+async def test_resume_source_rule(status: str, never_ran: bool, resumed: bool) -> None:
+    from vmbeam_kvm import MigrationError
+    from vmbeam_kvm.migration import resume_source
+    src = _FakeSource(status)
+    if resumed:
+        await resume_source(src.execute, "g", dest_never_ran=never_ran)
+        assert src.run_state == "running"
+    else:
+        with pytest.raises(MigrationError):
+            await resume_source(src.execute, "g", dest_never_ran=never_ran)
+        assert "cont" not in src.sent

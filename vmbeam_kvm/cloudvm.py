@@ -27,7 +27,7 @@ from .agent.protocol import PORT_NAME, AgentClient
 from .config import REPO_ROOT
 from .errors import LaunchError, QMPCommandError, RegionError
 from .qemu.process import ProcessRef, QemuProcess
-from .region import BeamRegion
+from .region import BeamRegion, read_identity_of
 
 if TYPE_CHECKING:  # pyroute2 is an L0-only dependency; the agent imports this package too
     from .net import LabNetwork
@@ -205,10 +205,26 @@ async def attach_region(proc: QemuProcess, rec: CloudVMRecord, region: BeamRegio
     rec.attachments[region.region_id] = att
 
 
+async def _unrecorded_attachment(proc: QemuProcess, region_id: str) -> dict[str, Any] | None:
+    """An attachment of ``region_id`` the cloud VM's QEMU has but the store does not (a
+    command died between hot-plugging it and recording it): found by the region's identity
+    behind each fd L0 handed to that QEMU."""
+    for fdset in await proc.execute("query-fdsets"):
+        for fd in fdset["fds"]:
+            with contextlib.suppress(OSError, RegionError):
+                if read_identity_of(proc.pid, fd["fd"]).region_id == region_id:
+                    short = region_id[:8]
+                    return {"fdset": fdset["fdset-id"], "dev": f"iv-{short}",
+                            "obj": f"region-{short}"}
+    return None
+
+
 async def detach_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str,
                         timeout: float = 60.0) -> None:
     """Hot-unplug a region: device_del (the L1 ejects it), object-del, remove-fd."""
     att = rec.attachments.get(region_id)
+    if att is None and proc.alive():
+        att = await _unrecorded_attachment(proc, region_id)
     if att is None:
         return
     qmp = await proc.session()
@@ -236,7 +252,7 @@ async def detach_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str,
         await proc.execute("object-del", {"id": att["obj"]})
     with contextlib.suppress(QMPCommandError):
         await proc.execute("remove-fd", {"fdset-id": att["fdset"]})
-    del rec.attachments[region_id]
+    rec.attachments.pop(region_id, None)
 
 
 def process_of(rec: CloudVMRecord) -> QemuProcess:

@@ -24,7 +24,13 @@ from typing import Any
 
 from .accel import resolve_accel
 from .config import Settings
-from .errors import BadInputError, QMPCommandError, UnknownGuestError, VmbeamError
+from .errors import (
+    BadInputError,
+    GuestBusyError,
+    QMPCommandError,
+    UnknownGuestError,
+    VmbeamError,
+)
 from .guest import Guest, GuestStatus
 from .heartbeat import Heartbeat, read_status
 from .migration import MigrationOptions, MigrationResult, migrate_local, recover
@@ -230,6 +236,10 @@ class Host:
         st: dict[str, Any] = {}
         with contextlib.suppress(VmbeamError):
             st = await self.cloud.guest_status(rec)
+        if st and not st["alive"] and rec.state is GuestState.RUNNING:
+            # Its agent (or the cloud VM's end) says it is gone: record it, don't pretend.
+            rec.state = GuestState.LOST
+            self.store.update_guest(rec)
         hbd = st.get("heartbeat")
         hb = Heartbeat(**hbd) if hbd else None
         return GuestStatus(
@@ -275,16 +285,15 @@ class Host:
     async def recover(self) -> None:
         """Resolve migrations left unfinished by a command that died."""
         for mig in self.store.unfinished_migrations():
-            if self.store.guest_locked(mig.guest):
-                continue  # still in progress in another command
-            with contextlib.suppress(UnknownGuestError):
-                rec = self.store.get_guest(mig.guest)
-                if rec.cloud_vm:
-                    # Nested migrations are not resolved automatically yet: never guess
-                    # which cloud VM's copy may run; flag the guest for an operator.
-                    rec.state = GuestState.NEEDS_ACTION
-                    self.store.update_guest(rec)
+            # A busy guest's migration is still running in another command.
+            with contextlib.suppress(GuestBusyError), self.store.lock_guest(mig.guest):
+                try:
+                    rec = self.store.get_guest(mig.guest)
+                except UnknownGuestError:
                     self.store.journal(mig.id, MigrationPhase.FAILED,
-                                       error="nested migration interrupted: needs action")
+                                       error="recovered: guest gone")
                     continue
-            await recover(self, mig)
+                if rec.cloud_vm or mig.src_cloud_vm:
+                    await self.cloud.recover(rec, mig)
+                else:
+                    await recover(self, rec, mig)

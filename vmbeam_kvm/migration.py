@@ -135,7 +135,7 @@ class _Sampler:
             self._task = None
 
 
-def _crash_point(phase: MigrationPhase) -> None:
+def crash_point(phase: MigrationPhase) -> None:
     if os.environ.get(CRASH_ENV) == phase.value:
         os._exit(99)
 
@@ -248,7 +248,7 @@ class _LocalRun:
                                    dst_pid=self.dst.pid, dst_start=self.dst.ref.start_time,
                                    dst_qmp=str(qmp), dst_serial=str(serial), dst_log=str(qlog),
                                    dst_instance=inst)
-                _crash_point(MigrationPhase.PREPARE)
+                crash_point(MigrationPhase.PREPARE)
                 if mode is MigrationMode.CPR_TRANSFER:
                     await self._cpr_start(main_sock, cpr_sock)
                 else:
@@ -276,7 +276,7 @@ class _LocalRun:
                     raise _Rollback(f"source refused to migrate: {exc}") from exc
             info = await self._wait_source()
             self._phase_done(MigrationPhase.SWITCH)
-            _crash_point(MigrationPhase.SWITCH)
+            crash_point(MigrationPhase.SWITCH)
 
             # ---- CONFIRM: the destination must run before the source may go -------------
             self.store.journal(self.mig_id, MigrationPhase.CONFIRM)
@@ -297,7 +297,7 @@ class _LocalRun:
                 self.rec.qemu = spec.qemu
             self.rec.state = GuestState.RUNNING
             self.store.update_guest(self.rec)
-            _crash_point(MigrationPhase.RELOCATE)
+            crash_point(MigrationPhase.RELOCATE)
             guest_ok: bool | None = None
             if self.opts.verify_guest:
                 hb2 = await wait_for_heartbeat(serial, after_seq=seq_before,
@@ -478,12 +478,14 @@ QMPExecute = Callable[[str, "dict[str, Any] | None"], Awaitable[Any]]
 _IN_FLIGHT = ("active", "setup", "device", "pre-switchover", "cancelling")
 
 
-async def resume_source(execute: QMPExecute, name: str) -> None:
+async def resume_source(execute: QMPExecute, name: str, *, dest_never_ran: bool = False
+                        ) -> None:
     """Ensure a source whose migration did not complete runs again.
 
     ``execute`` runs a QMP command on the source QEMU, directly (this host) or through a
     cloud VM's agent, so both topologies share one rule: a ``completed`` source is never
-    resumed.
+    resumed — unless its destination is known never to have executed (``dest_never_ran``:
+    it was seen waiting for its incoming stream and has been killed).
     """
     info = await execute("query-migrate", None)
     if info.get("status") in _IN_FLIGHT:
@@ -493,7 +495,7 @@ async def resume_source(execute: QMPExecute, name: str) -> None:
             if info.get("status") not in _IN_FLIGHT:
                 break
             await asyncio.sleep(0.01)
-    if info.get("status") == "completed":
+    if info.get("status") == "completed" and not dest_never_ran:
         raise MigrationError(f"source of {name!r} already handed over; not resuming it",
                              source_resumed=False)
     state = "?"
@@ -515,72 +517,62 @@ def _local_resume(src: QemuProcess, name: str) -> Awaitable[None]:
     return resume_source(src.execute, name)
 
 
-async def recover(host: Host, mig: MigrationRecord) -> None:
-    """Resolve a migration whose command died: keep exactly one running copy."""
+async def recover(host: Host, rec: GuestRecord, mig: MigrationRecord) -> None:
+    """Resolve a migration whose command died: keep exactly one running copy.
+
+    The caller holds the guest's lock.
+    """
     store = host.store
-    with store.lock_guest(mig.guest):
-        try:
-            rec = store.get_guest(mig.guest)
-        except VmbeamError:
-            store.journal(mig.id, MigrationPhase.FAILED, error="recovered: guest gone")
+    src_qmp, _, src_log = host.instance_paths(rec.name, mig.dst_instance - 1
+                                              if mig.dst_instance else rec.instance)
+    src = QemuProcess.attach(ProcessRef(mig.src_pid, mig.src_start), src_qmp, src_log)
+    dst = None
+    dst_state = None
+    if mig.dst_pid:
+        dst = QemuProcess.attach(ProcessRef(mig.dst_pid, mig.dst_start),
+                                 Path(mig.dst_qmp), Path(mig.dst_log))
+        if dst.alive():
+            with contextlib.suppress(QMPCommandError):
+                dst_state = await dst.run_state()
+    try:
+        if dst is not None and dst_state == "running":
+            if src.alive():
+                await src.quit()
+            rec = replace(rec, pid=mig.dst_pid, pid_start=mig.dst_start,
+                          qmp_path=mig.dst_qmp, serial_path=mig.dst_serial,
+                          log_path=mig.dst_log, instance=mig.dst_instance,
+                          state=GuestState.RUNNING)
+            if mig.mode == MigrationMode.PRECOPY.value:
+                with contextlib.suppress(VmbeamError):
+                    rec.region_id = read_identity_of(dst.pid, await ram_fd_of(dst)).region_id
+            store.update_guest(rec)
+            store.journal(mig.id, MigrationPhase.DONE,
+                          error="recovered after a crash: destination kept")
             return
-        src_qmp, _, src_log = host.instance_paths(rec.name, mig.dst_instance - 1
-                                                  if mig.dst_instance else rec.instance)
-        src = QemuProcess.attach(ProcessRef(mig.src_pid, mig.src_start), src_qmp, src_log)
-        dst = None
-        dst_state = None
-        if mig.dst_pid:
-            dst = QemuProcess.attach(ProcessRef(mig.dst_pid, mig.dst_start),
-                                     Path(mig.dst_qmp), Path(mig.dst_log))
-            if dst.alive():
-                with contextlib.suppress(QMPCommandError):
-                    dst_state = await dst.run_state()
-        try:
-            if dst is not None and dst_state == "running":
-                if src.alive():
-                    await src.quit()
-                rec = replace(rec, pid=mig.dst_pid, pid_start=mig.dst_start,
-                              qmp_path=mig.dst_qmp, serial_path=mig.dst_serial,
-                              log_path=mig.dst_log, instance=mig.dst_instance,
-                              state=GuestState.RUNNING)
-                if mig.mode == MigrationMode.PRECOPY.value:
-                    with contextlib.suppress(VmbeamError):
-                        rec.region_id = read_identity_of(dst.pid, await ram_fd_of(dst)).region_id
-                store.update_guest(rec)
-                store.journal(mig.id, MigrationPhase.DONE,
-                              error="recovered after a crash: destination kept")
-                return
-            never_ran = dst is not None and dst_state == "inmigrate"
-            if dst is not None:
-                dst.kill()
-            if not src.alive():
-                rec.state = GuestState.LOST
-                store.update_guest(rec)
-                store.journal(mig.id, MigrationPhase.FAILED,
-                              error="recovered after a crash: both QEMUs gone")
-                return
-            info = await src.execute("query-migrate")
-            if info.get("status") == "completed" and not never_ran:
-                rec.state = GuestState.NEEDS_ACTION
-                store.update_guest(rec)
-                store.journal(mig.id, MigrationPhase.FAILED,
-                              error="source handed over, destination gone: needs action")
-                return
-            if info.get("status") == "completed":
-                await src.execute("cont")  # the destination never executed: safe
-            await _local_resume(src, rec.name)
-            rec.state = GuestState.RUNNING
+        never_ran = dst is not None and dst_state == "inmigrate"
+        if dst is not None:
+            dst.kill()
+        if not src.alive():
+            rec.state = GuestState.LOST
             store.update_guest(rec)
             store.journal(mig.id, MigrationPhase.FAILED,
-                          error="recovered after a crash: source resumed")
-        except MigrationError as exc:
-            rec.state = GuestState.NEEDS_ACTION
-            store.update_guest(rec)
-            store.journal(mig.id, MigrationPhase.FAILED, error=f"recovery: {exc}")
-        finally:
-            await src.close()
-            if dst is not None:
-                await dst.close()
+                          error="recovered after a crash: both QEMUs gone")
+            return
+        # A source that handed over to a destination now gone is refused (needs action);
+        # one whose destination never executed may run again.
+        await resume_source(src.execute, rec.name, dest_never_ran=never_ran)
+        rec.state = GuestState.RUNNING
+        store.update_guest(rec)
+        store.journal(mig.id, MigrationPhase.FAILED,
+                      error="recovered after a crash: source resumed")
+    except MigrationError as exc:
+        rec.state = GuestState.NEEDS_ACTION
+        store.update_guest(rec)
+        store.journal(mig.id, MigrationPhase.FAILED, error=f"recovery: {exc}")
+    finally:
+        await src.close()
+        if dst is not None:
+            await dst.close()
 
 
 __all__ = ["MigrationMode", "MigrationOptions", "MigrationResult", "UnsafeStateError",

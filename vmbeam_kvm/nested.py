@@ -34,10 +34,10 @@ from .cloudvm import (
 from .config import Settings
 from .errors import BadInputError, MigrationError, VmbeamError
 from .heartbeat import Heartbeat
-from .migration import MigrationMode, MigrationResult, resume_source
+from .migration import MigrationMode, MigrationResult, crash_point, resume_source
 from .qemu.process import ProcessRef, QemuProcess, cpu_seconds
 from .region import BeamRegion
-from .store import GuestRecord, GuestState, MigrationPhase
+from .store import GuestRecord, GuestState, MigrationPhase, MigrationRecord
 from .units import parse_percent, parse_size
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIGRATION_PORT = 4444
+# A test's fault injection at a point of a nested migration, given the destination agent.
+FaultHook = Callable[[AgentClient], Awaitable[None]]
 # The embedded default topology of `lab up`.
 DEFAULT_LAB = {"tenant-a": ["l1a", "l1b"], "tenant-b": ["l1c"]}
 
@@ -245,22 +247,47 @@ class CloudOps:
             raise
 
     async def stop_guest(self, name: str) -> None:
+        """Stop every copy of the guest and release every region of it, wherever attached
+        (after a migration that needs action, both cloud VMs may hold one)."""
         rec = self.store.get_guest(name)
         with self.store.lock_guest(name):
-            with contextlib.suppress(BadInputError):
-                vm = self.vm(rec.cloud_vm)
-                if self.l1(vm).alive():
-                    with contextlib.suppress(AgentError):
-                        await self.agent(vm).call("stop_guest", name=name)
-                    await detach_region(self.l1(vm), vm, rec.region_id)
-                    self.store.update_cloud_vm(vm)
-            self.store.remove_region(rec.region_id)
+            regions = {r["region_id"] for r in self.store.regions() if r["guest"] == name}
+            regions |= {rec.region_id} - {""}
+            for vm in self.store.cloud_vms():
+                held = [r for r in regions if r in vm.attachments]
+                if (vm.name != rec.cloud_vm and not held) or not self.l1(vm).alive():
+                    continue
+                with contextlib.suppress(AgentError):
+                    await self.agent(vm).call("stop_guest", name=name)
+                for region_id in held:
+                    await detach_region(self.l1(vm), vm, region_id)
+                self.store.update_cloud_vm(vm)
+            for region_id in regions:
+                self.store.remove_region(region_id)
             self.store.remove_guest(name)
 
     async def guest_status(self, rec: GuestRecord) -> dict[str, Any]:
-        vm = self.vm(rec.cloud_vm)
-        st: dict[str, Any] = await self.agent(vm).call("status", name=rec.name)
-        return st
+        """The agent's view of the guest; ``{"alive": False}`` when it is certainly gone
+        (its cloud VM is gone or its agent has no such guest). AgentError when unknown."""
+        return await self._l2_status(rec.cloud_vm, rec.name)
+
+    async def _l2_status(self, vm_name: str, name: str, wait: float = 0) -> dict[str, Any]:
+        gone: dict[str, Any] = {"alive": False, "run_state": None}
+        try:
+            vm = self.vm(vm_name)
+        except BadInputError:
+            return gone
+        if vm.state is not CloudVMState.RUNNING or not self.l1(vm).alive():
+            return gone
+        try:
+            if wait:
+                await self.agent(vm).wait_ready(wait)
+            st: dict[str, Any] = await self.agent(vm).call("status", name=name)
+            return st
+        except AgentError as exc:
+            if exc.remote_type == BadInputError.__name__:
+                return gone  # the agent answered: it runs no such guest
+            raise
 
     async def heartbeat(self, rec: GuestRecord) -> Heartbeat | None:
         hb = (await self.guest_status(rec)).get("heartbeat")
@@ -280,11 +307,12 @@ class CloudOps:
 
     # -- migration ------------------------------------------------------------------------
     async def migrate(self, name: str, to: str, mode: MigrationMode | None = None, *,
-                      before_switch: Callable[[AgentClient], Awaitable[None]] | None = None
-                      ) -> NestedResult:
+                      before_switch: FaultHook | None = None,
+                      after_switch: FaultHook | None = None) -> NestedResult:
         """Move guest ``name`` to cloud VM ``to`` (``mode`` None = auto).
 
-        ``before_switch`` is a fault-injection hook for tests, given the destination agent.
+        ``before_switch`` / ``after_switch`` are fault-injection hooks for tests, given the
+        destination agent (after the switch = the source completed, before confirming).
         """
         with self.store.lock_guest(name, "migrated"):
             rec = self.store.get_guest(name)
@@ -306,8 +334,92 @@ class CloudOps:
             if mode is MigrationMode.CPR_TRANSFER:
                 raise BadInputError("cpr-transfer is a local-only mode")
             run = _NestedRun(self, rec, src_vm, dst_vm, mode)
-            run.before_switch = before_switch
+            run.before_switch, run.after_switch = before_switch, after_switch
             return await run.execute()
+
+
+    async def recover(self, rec: GuestRecord, mig: MigrationRecord) -> None:
+        """Resolve a nested migration whose command died.
+
+        The rule of the flat engine, with the agents as the eyes: a destination L2 that
+        runs is the guest (the source goes, and its cloud VM lets go of the region); one
+        that never ran is dropped and the source resumes; when neither can be told apart
+        safely the guest is flagged ``needs-action`` and nothing is touched. The caller
+        holds the guest's lock.
+        """
+        try:
+            if not mig.src_cloud_vm:
+                raise _Unresolvable("journal predates cloud-VM recovery")
+            verdict = await self._recover(rec, mig)
+        except (_Unresolvable, VmbeamError) as exc:
+            rec.state = GuestState.NEEDS_ACTION
+            self.store.update_guest(rec)
+            self.store.journal(mig.id, MigrationPhase.FAILED,
+                               error=f"nested migration interrupted: needs action: {exc}")
+            return
+        log.info("recovered migration %d of %s: %s", mig.id, rec.name, verdict)
+
+    async def _recover(self, rec: GuestRecord, mig: MigrationRecord) -> str:
+        store, name = self.store, rec.name
+        try:  # the agents may be restarting: give them a moment, then decide
+            src = await self._l2_status(mig.src_cloud_vm, name, wait=30)
+            dst: dict[str, Any] = {"alive": False, "run_state": None}
+            if mig.dst_cloud_vm:
+                dst = await self._l2_status(mig.dst_cloud_vm, name, wait=30)
+        except AgentError as exc:
+            raise _Unresolvable(f"cannot see both sides: {exc}") from exc
+        if dst["alive"] and dst["run_state"] == "running":
+            # The switch happened: the destination is the guest, the source must never run.
+            src_vm = self.vm(mig.src_cloud_vm)
+            if src["alive"]:
+                await self.agent(src_vm).call("stop_guest", name=name, kill=True)
+            await self._release(src_vm, mig.src_region, keep=mig.dst_region)
+            rec.cloud_vm, rec.pid = mig.dst_cloud_vm, int(dst["pid"])
+            rec.region_id, rec.state = mig.dst_region, GuestState.RUNNING
+            store.update_guest(rec)
+            store.journal(mig.id, MigrationPhase.DONE,
+                          error="recovered after a crash: destination kept")
+            return "destination kept"
+        never_ran = bool(dst["alive"]) and dst["run_state"] == "inmigrate"
+        if dst["alive"]:
+            await self.agent(self.vm(mig.dst_cloud_vm)).call("stop_guest", name=name,
+                                                             kill=True)
+        if mig.dst_cloud_vm and mig.dst_region:
+            with contextlib.suppress(BadInputError):
+                await self._release(self.vm(mig.dst_cloud_vm), mig.dst_region,
+                                    keep=mig.src_region)
+        rec.cloud_vm, rec.region_id = mig.src_cloud_vm, mig.src_region
+        if not src["alive"]:
+            rec.state = GuestState.LOST
+            store.update_guest(rec)
+            store.journal(mig.id, MigrationPhase.FAILED,
+                          error="recovered after a crash: both copies gone")
+            return "both copies gone"
+        agent = self.agent(self.vm(mig.src_cloud_vm))
+
+        async def execute(cmd: str, args: dict[str, Any] | None) -> Any:
+            return await agent.call("qmp", name=name, cmd=cmd, args=args)
+
+        # A source that handed over to a destination now gone is refused here (needs action).
+        await resume_source(execute, name, dest_never_ran=never_ran)
+        rec.pid, rec.state = int(src["pid"]), GuestState.RUNNING
+        store.update_guest(rec)
+        store.journal(mig.id, MigrationPhase.FAILED,
+                      error="recovered after a crash: source resumed")
+        return "source resumed"
+
+    async def _release(self, vm: CloudVMRecord, region_id: str, keep: str) -> None:
+        """Detach ``region_id`` from ``vm``; forget the region unless it is ``keep``."""
+        l1 = self.l1(vm)
+        if l1.alive():
+            await detach_region(l1, vm, region_id)
+            self.store.update_cloud_vm(vm)
+        if region_id and region_id != keep:
+            self.store.remove_region(region_id)
+
+
+class _Unresolvable(Exception):
+    """Internal: recovery cannot tell which copy may run; an operator must decide."""
 
 
 class _NestedRun:
@@ -323,7 +435,8 @@ class _NestedRun:
         self._mark = time.monotonic()
         self.dst_started = False
         self.dst_region_id = ""
-        self.before_switch: Callable[[AgentClient], Awaitable[None]] | None = None
+        self.before_switch: FaultHook | None = None
+        self.after_switch: FaultHook | None = None
 
     def _done(self, phase: str) -> None:
         now = time.monotonic()
@@ -344,19 +457,24 @@ class _NestedRun:
         net0 = await asyncio.to_thread(self._net_bytes)
         try:
             # ---- SHARE: the guest's region (or a fresh one for precopy) to the dest ----
-            self.store.journal(mig_id, MigrationPhase.SHARE)
+            self.store.journal(mig_id, MigrationPhase.SHARE, src_cloud_vm=self.src_vm.name,
+                               dst_cloud_vm=self.dst_vm.name, src_region=self.rec.region_id)
             try:
                 if self.mode is MigrationMode.ZERO_COPY:
                     region = await self._reopen_region()
                 else:
                     region = BeamRegion.create(self.rec.memory, name, pow2=True)
                 with region:
-                    await attach_region(self.dst_l1, self.dst_vm, region)
-                    self.store.update_cloud_vm(self.dst_vm)
+                    # Journaled before the hot-plug, so recovery knows what to take back.
                     self.dst_region_id = region.region_id
+                    self.store.journal(mig_id, MigrationPhase.SHARE,
+                                       dst_region=region.region_id)
                     if self.mode is not MigrationMode.ZERO_COPY:
                         self.store.add_region(region.region_id, name, self.rec.tenant,
                                               self.rec.memory, region.size)
+                    await attach_region(self.dst_l1, self.dst_vm, region)
+                    self.store.update_cloud_vm(self.dst_vm)
+                crash_point(MigrationPhase.SHARE)
                 self._done("share")
                 # ---- PREPARE: the destination agent verifies the region, starts L2 ----
                 self.store.journal(mig_id, MigrationPhase.PREPARE)
@@ -389,6 +507,7 @@ class _NestedRun:
                     raise BadInputError("the destination agent restarted during prepare")
                 if st.get("run_state") != "inmigrate":
                     raise BadInputError(f"destination QEMU is {st.get('run_state')}")
+                crash_point(MigrationPhase.PREPARE)
                 self._done("prepare")
             except VmbeamError as exc:
                 raise _NestedRollback(f"preparing the destination failed: {exc}") from exc
@@ -403,6 +522,9 @@ class _NestedRun:
             except VmbeamError as exc:
                 raise _NestedRollback(f"source refused to migrate: {exc}") from exc
             info = await self._wait_source()
+            crash_point(MigrationPhase.SWITCH)
+            if self.after_switch is not None:
+                await self.after_switch(self.dst_agent)
             self._done("switch")
             # ---- CONFIRM ------------------------------------------------------------------
             self.store.journal(mig_id, MigrationPhase.CONFIRM)
@@ -417,6 +539,7 @@ class _NestedRun:
             self.rec.cloud_vm, self.rec.pid = self.dst_vm.name, new_pid
             self.rec.region_id, self.rec.state = self.dst_region_id, GuestState.RUNNING
             self.store.update_guest(self.rec)
+            crash_point(MigrationPhase.RELOCATE)
             await self.src_agent.call("stop_guest", name=name)
             await detach_region(self.src_l1, self.src_vm, old_region)
             self.store.update_cloud_vm(self.src_vm)

@@ -89,6 +89,11 @@ class MigrationRecord:
     dst_serial: str = ""
     dst_log: str = ""
     dst_instance: int = 0
+    # Nested migrations: the two cloud VMs and the region each side maps.
+    src_cloud_vm: str = ""
+    dst_cloud_vm: str = ""
+    src_region: str = ""
+    dst_region: str = ""
     started_at: float = 0.0
     ended_at: float = 0.0
     error: str = ""
@@ -114,8 +119,13 @@ CREATE TABLE IF NOT EXISTS migrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, guest TEXT, mode TEXT, phase TEXT,
     src_pid INTEGER, src_start INTEGER, dst_pid INTEGER, dst_start INTEGER, dst_qmp TEXT,
     dst_serial TEXT, dst_log TEXT, dst_instance INTEGER, started_at REAL, ended_at REAL,
-    error TEXT, result TEXT);
+    error TEXT, result TEXT, src_cloud_vm TEXT DEFAULT '', dst_cloud_vm TEXT DEFAULT '',
+    src_region TEXT DEFAULT '', dst_region TEXT DEFAULT '');
 """
+
+# Columns added after the first release, for stores made before them.
+_ADDED_COLUMNS = {"guests": ("cloud_vm", "tenant", "ip"),
+                  "migrations": ("src_cloud_vm", "dst_cloud_vm", "src_region", "dst_region")}
 
 
 class Store:
@@ -130,10 +140,11 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
-        cols = {r[1] for r in self._db.execute("PRAGMA table_info(guests)")}
-        for col in ("cloud_vm", "tenant", "ip"):  # stores made before cloud VMs existed
-            if col not in cols:
-                self._db.execute(f"ALTER TABLE guests ADD COLUMN {col} TEXT DEFAULT ''")
+        for table, added in _ADDED_COLUMNS.items():
+            cols = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for col in added:
+                if col not in cols:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT DEFAULT ''")
 
     def close(self) -> None:
         self._db.close()
