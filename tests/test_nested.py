@@ -146,6 +146,7 @@ async def test_destination_agent_killed_before_switch(lab: dict[str, Any],
     ("share", "precopy", "l1a"),      # a fresh region was attached to l1b: taken back
     ("prepare", "zero-copy", "l1a"),  # the incoming L2 in l1b never ran: dropped
     ("switch", "zero-copy", "l1b"),   # the switch happened: l1b's copy is the guest
+    ("relocate", "precopy", "l1b"),   # ...and l1a's region, a different one, is released
 ])
 def test_crash_mid_migration_is_recovered(lab: dict[str, Any], nested_guest: str,
                                           crash_after: str, mode: str, runs_in: str) -> None:
