@@ -213,6 +213,28 @@ def test_cloud_vm_list(lab: dict[str, Any]) -> None:
     assert len({v["ip"] for v in vms}) == 3
 
 
+def test_cloud_vm_that_dies_is_reported_and_cleaned_up(lab: dict[str, Any]) -> None:
+    """Last user of l1c: its QEMU is killed with a guest inside."""
+    cli(lab, "guest", "start", "n3", "--cloud-vm", "l1c", "--memory", "128M")
+    l1c = next(v for v in cli(lab, "cloud-vm", "list") if v["name"] == "l1c")
+    os.kill(l1c["pid"], 9)
+    time.sleep(0.5)
+    l1c = next(v for v in cli(lab, "cloud-vm", "list") if v["name"] == "l1c")
+    assert l1c["state"] == "lost" and l1c["regions"] == []
+    st = cli(lab, "guest", "status", "n3")
+    assert st["state"] == "lost" and st["alive"] is False
+    assert attached(lab, "n3") == []  # the region went with the dead QEMU's fds
+    proc = run_cli(lab["state"], "guest", "start", "n4", "--cloud-vm", "l1c", "--memory",
+                   "128M", env=lab["env"])
+    assert proc.returncode == 2 and "not running" in proc.stderr
+    cli(lab, "guest", "stop", "n3")
+    cli(lab, "cloud-vm", "stop", "l1c")
+    assert "l1c" not in {v["name"] for v in cli(lab, "cloud-vm", "list")}
+    links = subprocess.run(["ip", "-n", lab["env"]["VMBEAM_LAB_NS"], "-o", "link"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "tap-l1c" not in links and cli(lab, "region", "list") == []
+
+
 def http_get(lab: dict[str, Any], ip: str, tries: int = 30) -> str:
     """Fetch the Linux guest's page from the lab network's own endpoint (its namespace)."""
     code = (f"import urllib.request; print(urllib.request.urlopen('http://{ip}:8080/', "

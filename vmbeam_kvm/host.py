@@ -83,6 +83,7 @@ class Host:
         self._store = Store(self.settings.state_dir)
         try:
             await self.recover()
+            self.cloud.reap()
         except BaseException:
             self._store.close()
             self._store = None

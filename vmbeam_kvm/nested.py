@@ -119,6 +119,24 @@ class CloudOps:
             client = self._agents[rec.name] = rec.agent
         return client
 
+    def reap(self) -> None:
+        """Record cloud VMs whose QEMU died behind our back as lost, with their guests.
+
+        The regions they had attached are gone from them (the kernel closed the dead QEMU's
+        fds); the guests' region records stay until ``guest stop``.
+        """
+        for vm in self.store.cloud_vms():
+            if vm.state is not CloudVMState.RUNNING or self.l1(vm).alive():
+                continue
+            log.warning("cloud VM %s (pid %d) is gone", vm.name, vm.pid)
+            vm.state, vm.attachments = CloudVMState.LOST, {}
+            self.store.update_cloud_vm(vm)
+            self.store.log_event("lost", vm.name, f"cloud VM QEMU pid {vm.pid} died")
+            for guest in self.store.guests():
+                if guest.cloud_vm == vm.name and guest.state is GuestState.RUNNING:
+                    guest.state = GuestState.LOST
+                    self.store.update_guest(guest)
+
     def running_vm(self, name: str) -> CloudVMRecord:
         rec = self.vm(name)
         if rec.state is not CloudVMState.RUNNING or not self.l1(rec).alive():
