@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 from vmbeam_kvm import Accel, Host, MigrationError, Settings
 from vmbeam_kvm.agent.protocol import AgentClient
 
-from .conftest import STATE_PREFIX, qemu_pids, run_cli
+from .conftest import REPO, STATE_PREFIX, qemu_pids, run_cli
 
 MiB = 1 << 20
 
@@ -203,6 +204,22 @@ async def test_destination_dies_after_switch(lab: dict[str, Any], nested_guest: 
         dst = await host.cloud.agent(host.cloud.vm("l1b")).call("status", name=nested_guest)
         assert not dst["alive"]
     # `guest stop` (the fixture) then releases the region from both cloud VMs.
+
+
+def test_readme_nested_api_example(lab: dict[str, Any]) -> None:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Cloud VMs", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    env = {**os.environ, **lab["env"], "VMBEAM_STATE_DIR": str(lab["state"]),
+           "VMBEAM_ACCEL": "tcg"}
+    proc = subprocess.run([sys.executable, "-c", code.group(1)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    _total_ms, sent, detached = proc.stdout.splitlines()[0].split()
+    assert int(sent) < MiB and detached == "True"
+    assert "'running': True" in proc.stdout
+    assert cli(lab, "region", "list") == [] and cli(lab, "guest", "list") == []
 
 
 def test_cloud_vm_list(lab: dict[str, Any]) -> None:

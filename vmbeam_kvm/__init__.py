@@ -20,11 +20,12 @@ from .errors import (
 from .guest import Guest, GuestStatus
 from .host import Host
 from .migration import MigrationMode, MigrationOptions, MigrationResult
+from .nested import NestedResult
 from .region import BeamRegion
 
 __all__ = [
     "Accel", "BadInputError", "BeamRegion", "DuplicateGuestError", "Guest", "GuestBusyError",
     "GuestStatus", "Host", "LaunchError", "MigrationError", "MigrationMode", "MigrationOptions",
-    "MigrationResult", "QMPCommandError", "RegionError", "RegionMismatchError", "Settings",
-    "UnknownGuestError", "UnsafeStateError", "VmbeamError",
+    "MigrationResult", "NestedResult", "QMPCommandError", "RegionError", "RegionMismatchError",
+    "Settings", "UnknownGuestError", "UnsafeStateError", "VmbeamError",
 ]

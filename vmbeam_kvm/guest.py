@@ -1,8 +1,9 @@
 """Guests: the L2 virtual machines vmbeam-kvm runs and moves, and their status.
 
 A :class:`Guest` is a handle on a guest recorded in the state store; the QEMU process behind
-it changes with every migration. As an async context manager it stops the guest on exit
-(unless :meth:`Guest.detach` was called), so scripts never leak guests.
+it changes with every migration, and may run on this host or inside a cloud VM (then every
+call goes through that cloud VM's agent). As an async context manager it stops the guest on
+exit (unless :meth:`Guest.detach` was called), so scripts never leak guests.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .errors import LaunchError, QMPCommandError
+from .errors import BadInputError, LaunchError, QMPCommandError
 from .heartbeat import Heartbeat, read_status, wait_for_heartbeat
 from .store import GuestRecord, GuestState
 
 if TYPE_CHECKING:
     from .host import Host
-    from .migration import MigrationOptions, MigrationResult
+    from .migration import MigrationMode, MigrationOptions, MigrationResult
+    from .nested import NestedResult
 
 
 @dataclass(frozen=True)
@@ -70,29 +72,47 @@ class Guest:
 
     async def wait_ready(self, timeout: float = 120.0) -> Heartbeat:
         """Wait for the guest's first heartbeat (its memory is filled by then)."""
-        hb = await wait_for_heartbeat(self.serial_path, timeout=timeout)
+        hb = await self.wait_heartbeat(-1, timeout)
         if hb is None:
-            rec = self.record
-            alive = self.host.process(rec).alive()
+            st = await self.status()
             raise LaunchError(f"guest {self.name!r} sent no heartbeat within {timeout:.0f} s "
-                              f"(QEMU {'running' if alive else 'exited'})")
+                              f"(QEMU {'running' if st.alive else 'exited'})")
         return hb
 
     async def wait_heartbeat(self, after_seq: int, timeout: float = 30.0) -> Heartbeat | None:
+        """The first heartbeat newer than ``after_seq``, or None after ``timeout``."""
+        rec = self.record
+        if rec.cloud_vm:
+            return await self.host.cloud.wait_heartbeat(rec, after_seq, timeout)
         return await wait_for_heartbeat(self.serial_path, after_seq=after_seq, timeout=timeout)
 
     def heartbeat(self) -> Heartbeat | None:
+        """The latest heartbeat in the serial log (guests on this host; for a guest in a
+        cloud VM use ``(await guest.status()).heartbeat``)."""
+        if self.record.cloud_vm:
+            raise BadInputError(f"guest {self.name!r} runs in a cloud VM: its serial log is "
+                                f"there; use status()")
         return read_status(self.serial_path).heartbeat
 
     async def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        """Run a QMP command on the QEMU that currently runs the guest."""
+        """Run a QMP command on the QEMU that currently runs the guest (through the cloud
+        VM's agent when it runs in one)."""
         rec = self.record
         if rec.state not in (GuestState.RUNNING, GuestState.MIGRATING):
             raise QMPCommandError(f"guest {self.name!r} is {rec.state.value}")
+        if rec.cloud_vm:
+            cloud = self.host.cloud
+            return await cloud.agent(cloud.vm(rec.cloud_vm)).call(
+                "qmp", name=self.name, cmd=cmd, args=args)
         return await self.host.process(rec).execute(cmd, args)
 
     async def migrate(self, options: MigrationOptions | None = None) -> MigrationResult:
+        """Move a guest of this host to a new QEMU on this host."""
         return await self.host.migrate(self.name, options)
+
+    async def move_to(self, cloud_vm: str, mode: MigrationMode | None = None) -> NestedResult:
+        """Move a guest in a cloud VM to cloud VM ``cloud_vm`` (``mode`` None = auto)."""
+        return await self.host.cloud.migrate(self.name, cloud_vm, mode)
 
     async def stop(self) -> None:
         await self.host.stop_guest(self.name)

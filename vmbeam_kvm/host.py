@@ -155,8 +155,17 @@ class Host:
 
     async def start_guest(self, name: str, memory: int | str, *, image: str = "test",
                           touch: int | str = 70, qemu: str | None = None,
-                          backend: RamBackend = RamBackend.REGION) -> Guest:
-        """Start a guest whose RAM is a new beam region; returns once QEMU answers QMP."""
+                          backend: RamBackend = RamBackend.REGION,
+                          cloud_vm: str | None = None, net: bool | None = None) -> Guest:
+        """Start a guest whose RAM is a new beam region; returns once QEMU answers QMP.
+
+        With ``cloud_vm`` the guest runs inside that cloud VM (its region hot-plugged there;
+        ``net`` gives it a NIC on the lab network, by default for Linux guests).
+        """
+        if cloud_vm is not None:
+            await self.cloud.start_guest(name, cloud_vm, memory, image=image, touch=touch,
+                                         net=net)
+            return Guest(self, name)
         size = parse_size(memory)
         pct = parse_percent(touch)
         try:
