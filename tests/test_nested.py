@@ -85,7 +85,7 @@ def test_zero_copy_between_cloud_vms(lab: dict[str, Any], nested_guest: str) -> 
         assert (res["source_cloud_vm"], res["dest_cloud_vm"]) == (src, dst)
         assert res["ram_transferred_bytes"] < MiB and res["guest_ok"] is True
         assert res["network_bytes"] < 2 * MiB  # device state only crossed the L1-L1 link
-        assert res["source_detached"] is True
+        assert res["source_detached"] is True and res["tls"] is True
         assert set(res["phases_ms"]) == {"share", "prepare", "switch", "confirm", "relocate"}
         # Independent look through L0's view: the region is attached where the guest runs.
         assert attached(lab, nested_guest) == [dst]
@@ -98,6 +98,7 @@ def test_zero_copy_between_cloud_vms(lab: dict[str, Any], nested_guest: str) -> 
 def test_precopy_over_lab_network(lab: dict[str, Any], nested_guest: str) -> None:
     res = cli(lab, "migrate", nested_guest, "--to", "l1b", "--mode", "precopy")
     assert res["mode"] == "precopy" and res["guest_ok"] is True
+    assert res["tls"] is False  # VMBEAM_MIGRATION_TLS=auto: bulk TLS is too slow under TCG
     assert res["ram_transferred_bytes"] > 100 * MiB  # the RAM itself crossed the network
     assert res["network_bytes"] >= res["ram_transferred_bytes"]
     assert attached(lab, nested_guest) == ["l1b"]  # a fresh region, the old one released
@@ -220,6 +221,29 @@ def test_readme_nested_api_example(lab: dict[str, Any]) -> None:
     assert int(sent) < MiB and detached == "True"
     assert "'running': True" in proc.stdout
     assert cli(lab, "region", "list") == [] and cli(lab, "guest", "list") == []
+
+
+async def test_migration_stream_needs_the_key(lab: dict[str, Any], nested_guest: str) -> None:
+    """A peer without this migration's pre-shared key cannot feed the destination."""
+    async with Host(settings_of(lab)) as host:
+        src_agent = host.cloud.agent(host.cloud.vm("l1a"))
+
+        async def wrong_key(_dst: AgentClient) -> None:
+            await src_agent.call("migration_tls", name=nested_guest, endpoint="client",
+                                 key="00" * 32)
+
+        with pytest.raises(MigrationError) as err:
+            await host.cloud.migrate(nested_guest, "l1b", before_switch=wrong_key)
+        assert err.value.source_resumed and "TLS handshake failed" in str(err.value)
+        rec = host.store.get_guest(nested_guest)
+        assert rec.cloud_vm == "l1a"
+        hb0 = await host.cloud.heartbeat(rec)
+        hb1 = await host.cloud.wait_heartbeat(rec, hb0.seq if hb0 else -1, timeout=60)
+        assert hb1 is not None and hb1.ok
+        assert (await host.cloud.agent(host.cloud.vm("l1b")).call("ping"))["guests"] == []
+    assert attached(lab, nested_guest) == ["l1a"]
+    res = cli(lab, "migrate", nested_guest, "--to", "l1b")  # with the right key: fine
+    assert res["tls"] is True and res["guest_ok"] is True
 
 
 def test_cloud_vm_list(lab: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class NestedResult(MigrationResult):
     dest_cloud_vm: str = ""
     source_detached: bool = False
     network_bytes: int = 0     # bytes that crossed the destination cloud VM's NIC
+    tls: bool = False          # the stream was TLS with a per-migration pre-shared key
     l0_cpu_seconds: float = 0.0  # CPU of every QEMU on L0 (the cloud VMs) meanwhile
 
 
@@ -453,6 +455,7 @@ class _NestedRun:
         self._mark = time.monotonic()
         self.dst_started = False
         self.dst_region_id = ""
+        self.tls = ops.host.settings.migration_tls.applies(mode is MigrationMode.ZERO_COPY)
         self.before_switch: FaultHook | None = None
         self.after_switch: FaultHook | None = None
 
@@ -505,8 +508,10 @@ class _NestedRun:
                 caps = [{"capability": "return-path", "state": True},
                         {"capability": "x-ignore-shared",
                          "state": self.mode is MigrationMode.ZERO_COPY}]
+                creds = await self._migration_tls()
                 for agent in (self.src_agent, self.dst_agent):
                     await self._qmp(agent, "migrate-set-capabilities", {"capabilities": caps})
+                    await self._qmp(agent, "migrate-set-parameters", {"tls-creds": creds})
                 await self._qmp(self.src_agent, "migrate-set-parameters",
                                 {"max-bandwidth": 64 << 30, "downtime-limit": 500})
                 if self.mode is MigrationMode.PRECOPY:
@@ -575,7 +580,8 @@ class _NestedRun:
                 source_pid=old_pid, dest_pid=new_pid, migration_id=mig_id,
                 memory_bytes=self.rec.memory, source_cloud_vm=self.src_vm.name,
                 dest_cloud_vm=self.dst_vm.name, source_detached=detached,
-                network_bytes=net, l0_cpu_seconds=round(cpu, 3), qemu_cpu_seconds=round(cpu, 3))
+                network_bytes=net, l0_cpu_seconds=round(cpu, 3), qemu_cpu_seconds=round(cpu, 3),
+                tls=self.tls)
             self.store.journal(mig_id, MigrationPhase.DONE, result=result.to_json())
             return result
         except _NestedRollback as exc:
@@ -593,6 +599,17 @@ class _NestedRun:
                 raise
             raise MigrationError(f"migration of {name!r} failed after the switch: {exc}",
                                  source_resumed=False) from exc
+
+    async def _migration_tls(self) -> str:
+        """A fresh pre-shared key for both ends (or "" = TLS off); returns the creds id."""
+        if not self.tls:
+            return ""
+        key = secrets.token_hex(32)
+        result: dict[str, str] = {}
+        for agent, endpoint in ((self.src_agent, "client"), (self.dst_agent, "server")):
+            result = await agent.call("migration_tls", name=self.rec.name, endpoint=endpoint,
+                                      key=key)
+        return result["tls_creds"]
 
     def _net_bytes(self) -> int:
         """rx+tx bytes of the destination cloud VM's tap (its whole L1-L1 traffic)."""

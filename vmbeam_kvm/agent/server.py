@@ -15,6 +15,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -33,6 +34,20 @@ from .protocol import PORT_NAME, encode
 log = logging.getLogger("vmbeam-agent")
 
 IVSHMEM_IDS = ("0x1af4", "0x1110")
+TLS_CREDS_ID = "vmbeam-mig-tls"
+TLS_USER = "vmbeam"
+# The RFC 7919 ffdhe2048 group: public, fixed parameters. Without a dh-params.pem QEMU
+# generates fresh ones for every TLS server credential, which takes ~20 s under TCG.
+FFDHE2048_PEM = """\
+-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 
 
 @dataclass(frozen=True)
@@ -274,6 +289,31 @@ class Agent:
     async def op_qmp(self, name: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self._guest(name).proc.execute(cmd, args)
 
+    async def op_migration_tls(self, name: str, endpoint: str, key: str) -> dict[str, Any]:
+        """Give the guest's QEMU a TLS pre-shared-key credential for its next migration.
+
+        L0 makes one key per migration and hands it to both ends over their private agent
+        channels, so no other cloud VM on the L1-L1 network can feed or read the stream.
+        """
+        if endpoint not in ("client", "server") or not all(c in "0123456789abcdef"
+                                                            for c in key) or len(key) < 32:
+            raise BadInputError("migration_tls needs endpoint client|server and a hex key")
+        guest = self._guest(name)
+        tls_dir = self.state_dir / name / "tls"
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(tls_dir / "keys.psk", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{TLS_USER}:{key}\n")
+        (tls_dir / "dh-params.pem").write_text(FFDHE2048_PEM)
+        with contextlib.suppress(VmbeamError):  # the credential of an earlier migration
+            await guest.proc.execute("object-del", {"id": TLS_CREDS_ID})
+        creds = {"qom-type": "tls-creds-psk", "id": TLS_CREDS_ID, "endpoint": endpoint,
+                 "dir": str(tls_dir)}
+        if endpoint == "client":  # the server looks the client's name up in keys.psk
+            creds["username"] = TLS_USER
+        await guest.proc.execute("object-add", creds)
+        return {"tls_creds": TLS_CREDS_ID}
+
     async def op_status(self, name: str) -> dict[str, Any]:
         guest = self._guest(name)
         alive = guest.proc.alive()
@@ -293,6 +333,7 @@ class Agent:
             return {"stopped": False}
         with contextlib.suppress(OSError):
             (self.state_dir / name / "guest.json").unlink()
+        shutil.rmtree(self.state_dir / name / "tls", ignore_errors=True)  # spent keys
         if kill:
             guest.proc.kill()
         else:
