@@ -51,8 +51,10 @@ def table(results: list[MigrationResult]) -> str:
             ("bytes on L1-L1 link", lambda r: f"{getattr(r, 'network_bytes', 0):,}"),
             ("L0 CPU, all QEMUs (s)", lambda r: f"{getattr(r, 'l0_cpu_seconds', 0):.2f}"),
             ("source detached", lambda r: str(getattr(r, "source_detached", None))),
+            ("stream over TLS", lambda r: str(getattr(r, "tls", None))),
         ]
-        del rows[6]  # QEMU CPU: the L0 CPU row above is the same figure
+        # QEMU CPU: the L0 CPU row above is the same figure.
+        rows = [row for row in rows if row[0] != "QEMU CPU (s)"]
     head = f"| {'':24} | " + " | ".join(f"{_label(r):>14}" for r in results) + " |"
     sep = "|" + "-" * 26 + "|" + "|".join("-" * 16 for _ in results) + "|"
     lines = [head, sep]

@@ -163,6 +163,7 @@ class NestedRow(BenchRow):
         row = super().to_json()
         row["source_detached"] = all(getattr(r, "source_detached", False)
                                      for r in self.results)
+        row["tls"] = all(getattr(r, "tls", False) for r in self.results)
         return row
 
 
@@ -200,13 +201,13 @@ async def bench_nested(host: Host, sizes: Sequence[int], *, cloud_vms: tuple[str
 
 def nested_table(rows: Sequence[NestedRow]) -> str:
     lines = ["| size | method | total ms | downtime ms | RAM sent MB | L1-L1 wire MB "
-             "| L0 CPU s | guest ok | source detached |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| L0 CPU s | guest ok | source detached | TLS |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     for row in rows:
         j = row.to_json()
         lines.append(
             f"| {format_size(row.memory_bytes)} | {row.method} | {_fmt(j['total_ms'])} "
             f"| {_fmt(j['downtime_ms'])} | {_fmt(j['ram_transferred_bytes'], 1e-6, 2)} "
             f"| {_fmt(j['network_bytes'], 1e-6, 2)} | {_fmt(j['l0_cpu_seconds'], 1, 2)} "
-            f"| {j['guest_ok']} | {j['source_detached']} |")
+            f"| {j['guest_ok']} | {j['source_detached']} | {j['tls']} |")
     return "\n".join([*lines, "", *ratio_lines(rows)])
