@@ -404,6 +404,17 @@ class _LocalRun:
         except VmbeamError as exc:
             raise _Rollback(f"cpr-transfer start failed: {exc}") from exc
 
+    async def _dst_dies_within(self, seconds: float) -> bool:
+        """Whether the destination is, or within ``seconds`` is, gone: a killed QEMU's
+        sockets close (and the source fails) a moment before the process is seen dead."""
+        assert self.dst is not None
+        deadline = time.monotonic() + seconds
+        while self.dst.alive():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     async def _wait_source(self) -> dict[str, Any]:
         """Poll the source until its migration completes; failures roll back."""
         assert self.dst is not None
@@ -422,7 +433,7 @@ class _LocalRun:
                 return info
             if status in ("failed", "cancelled"):
                 why = info.get("error-desc", status)
-                if not self.dst.alive():
+                if await self._dst_dies_within(1.0):
                     why = f"destination QEMU died ({self.dst.log_tail(2)}); {why}"
                 raise _Rollback(f"migration {status}: {why}")
             now = time.monotonic()
