@@ -31,6 +31,16 @@ def summarize(values: Sequence[float | None]) -> dict[str, float | None] | None:
     return {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
 
 
+# Table columns: header, JSON key, scale, digits (None: the value as it is, e.g. a verdict).
+Column = tuple[str, str, float, int | None]
+FLAT_COLUMNS: tuple[Column, ...] = (
+    ("total ms", "total_ms", 1, 1), ("downtime ms", "downtime_ms", 1, 1),
+    ("RAM sent MB", "ram_transferred_bytes", 1e-6, 2),
+    ("peak QEMU mem MB", "peak_qemu_memory_bytes", 1e-6, 0),
+    ("QEMU CPU s", "qemu_cpu_seconds", 1, 2), ("shared frames", "shared_frames_ratio", 1, 3),
+    ("guest ok", "guest_ok", 1, None))
+
+
 @dataclass
 class BenchRow:
     """All repeats of one method at one guest size."""
@@ -39,6 +49,7 @@ class BenchRow:
     memory_bytes: int
     results: list[MigrationResult] = field(default_factory=list)
     figures: ClassVar[tuple[str, ...]] = FIGURES
+    columns: ClassVar[tuple[Column, ...]] = FLAT_COLUMNS
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"method": self.method, "memory_bytes": self.memory_bytes,
@@ -87,20 +98,18 @@ def _fmt(summary: dict[str, float | None] | None, scale: float = 1.0, digits: in
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
-    """Median figures per method and size, plus the ratios the project tracks."""
-    lines = ["| size | method | total ms | downtime ms | RAM sent MB | peak QEMU mem MB "
-             "| QEMU CPU s | shared frames | guest ok |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    """Median figures per method and size (the row type's columns), plus the ratios the
+    project tracks."""
+    columns = type(rows[0]).columns if rows else FLAT_COLUMNS
+    lines = ["| size | method | " + " | ".join(c[0] for c in columns) + " |",
+             "|---|---|" + "|".join("---" if c[3] is None else "---:" for c in columns) + "|"]
     for row in rows:
         j = row.to_json()
-        lines.append(
-            f"| {format_size(row.memory_bytes)} | {row.method} | {_fmt(j['total_ms'])} "
-            f"| {_fmt(j['downtime_ms'])} | {_fmt(j['ram_transferred_bytes'], 1e-6, 2)} "
-            f"| {_fmt(j['peak_qemu_memory_bytes'], 1e-6, 0)} "
-            f"| {_fmt(j['qemu_cpu_seconds'], 1, 2)} | {_fmt(j['shared_frames_ratio'], 1, 3)} "
-            f"| {j['guest_ok']} |")
-    lines += ["", *ratio_lines(rows)]
-    return "\n".join(lines)
+        cells = [str(j[key]) if digits is None else _fmt(j[key], scale, digits)
+                 for _, key, scale, digits in columns]
+        lines.append(f"| {format_size(row.memory_bytes)} | {row.method} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", *ratio_lines(rows)])
 
 
 def ratio_lines(rows: Sequence[BenchRow]) -> list[str]:
@@ -158,6 +167,12 @@ class NestedRow(BenchRow):
     """All repeats of one method at one guest size, between two co-located cloud VMs."""
 
     figures: ClassVar[tuple[str, ...]] = NESTED_FIGURES
+    columns: ClassVar[tuple[Column, ...]] = (
+        ("total ms", "total_ms", 1, 1), ("downtime ms", "downtime_ms", 1, 1),
+        ("RAM sent MB", "ram_transferred_bytes", 1e-6, 2),
+        ("L1-L1 wire MB", "network_bytes", 1e-6, 2), ("L0 CPU s", "l0_cpu_seconds", 1, 2),
+        ("guest ok", "guest_ok", 1, None), ("source detached", "source_detached", 1, None),
+        ("TLS", "tls", 1, None))
 
     def to_json(self) -> dict[str, Any]:
         row = super().to_json()
@@ -199,15 +214,3 @@ async def bench_nested(host: Host, sizes: Sequence[int], *, cloud_vms: tuple[str
     return rows
 
 
-def nested_table(rows: Sequence[NestedRow]) -> str:
-    lines = ["| size | method | total ms | downtime ms | RAM sent MB | L1-L1 wire MB "
-             "| L0 CPU s | guest ok | source detached | TLS |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
-    for row in rows:
-        j = row.to_json()
-        lines.append(
-            f"| {format_size(row.memory_bytes)} | {row.method} | {_fmt(j['total_ms'])} "
-            f"| {_fmt(j['downtime_ms'])} | {_fmt(j['ram_transferred_bytes'], 1e-6, 2)} "
-            f"| {_fmt(j['network_bytes'], 1e-6, 2)} | {_fmt(j['l0_cpu_seconds'], 1, 2)} "
-            f"| {j['guest_ok']} | {j['source_detached']} | {j['tls']} |")
-    return "\n".join([*lines, "", *ratio_lines(rows)])

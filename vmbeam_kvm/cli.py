@@ -391,7 +391,7 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
 async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str,
                            plot_path: Path | None, as_json: bool) -> None:
     """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed)."""
-    from .bench import bench_nested, nested_table
+    from .bench import bench_nested
     from .nested import DEFAULT_LAB, lab_network
     from .units import parse_percent
     size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
@@ -415,9 +415,9 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
                 await asyncio.to_thread(net.destroy)
     if plot_path is not None:
         plot(rows, plot_path, "vmbeam-kvm: L2 migration between co-located cloud VMs")
-    _emit(as_json, [r.to_json() for r in rows], nested_table(rows))
+    _emit(as_json, [r.to_json() for r in rows], markdown_table(rows))
     if as_json:
-        click.echo(nested_table(rows), err=True)
+        click.echo(markdown_table(rows), err=True)
 
 
 if __name__ == "__main__":

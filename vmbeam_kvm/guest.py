@@ -102,8 +102,7 @@ class Guest:
             raise QMPCommandError(f"guest {self.name!r} is {rec.state.value}")
         if rec.cloud_vm:
             cloud = self.host.cloud
-            return await cloud.agent(cloud.vm(rec.cloud_vm)).call(
-                "qmp", name=self.name, cmd=cmd, args=args)
+            return await cloud.agent(cloud.vm(rec.cloud_vm)).qmp(self.name, cmd, args)
         return await self.host.process(rec).execute(cmd, args)
 
     async def migrate(self, options: MigrationOptions | None = None) -> MigrationResult:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -415,13 +416,9 @@ class CloudOps:
             store.journal(mig.id, MigrationPhase.FAILED,
                           error="recovered after a crash: both copies gone")
             return "both copies gone"
-        agent = self.agent(self.vm(mig.src_cloud_vm))
-
-        async def execute(cmd: str, args: dict[str, Any] | None) -> Any:
-            return await agent.call("qmp", name=name, cmd=cmd, args=args)
-
         # A source that handed over to a destination now gone is refused here (needs action).
-        await resume_source(execute, name, dest_never_ran=never_ran)
+        await resume_source(functools.partial(self.agent(self.vm(mig.src_cloud_vm)).qmp, name),
+                            name, dest_never_ran=never_ran)
         rec.pid, rec.state = int(src["pid"]), GuestState.RUNNING
         store.update_guest(rec)
         store.journal(mig.id, MigrationPhase.FAILED,
@@ -464,11 +461,6 @@ class _NestedRun:
         self.phases[phase] = round((now - self._mark) * 1000, 3)
         self._mark = now
 
-    async def _qmp(self, agent: AgentClient, cmd: str, args: dict[str, Any] | None = None,
-                   timeout: float = 60) -> Any:
-        return await agent.call("qmp", name=self.rec.name, cmd=cmd, args=args,
-                                timeout=timeout)
-
     async def execute(self) -> NestedResult:
         name = self.rec.name
         mig_id = self.store.begin_migration(name, self.mode.value, self.rec.pid, 0)
@@ -505,22 +497,23 @@ class _NestedRun:
                     touch=self.rec.touch, region_id=self.dst_region_id, incoming=True,
                     **self.ops._nic_args(self.rec))
                 self.dst_started = True
-                caps = [{"capability": "return-path", "state": True},
-                        {"capability": "x-ignore-shared",
-                         "state": self.mode is MigrationMode.ZERO_COPY}]
+                # Every capability and parameter is set on both ends every time: a QEMU
+                # that arrived by migration keeps what its last migration was given.
+                zero_copy = self.mode is MigrationMode.ZERO_COPY
+                caps = {"return-path": True, "x-ignore-shared": zero_copy}
                 creds = await self._migration_tls()
-                for agent in (self.src_agent, self.dst_agent):
-                    await self._qmp(agent, "migrate-set-capabilities", {"capabilities": caps})
-                    await self._qmp(agent, "migrate-set-parameters", {"tls-creds": creds})
-                await self._qmp(self.src_agent, "migrate-set-parameters",
-                                {"max-bandwidth": 64 << 30, "downtime-limit": 500})
-                if self.mode is MigrationMode.PRECOPY:
+                ends = (
                     # A TCG guest rewrites its pages faster than the L1-L1 virtio link
                     # carries them: without throttling, precopy never converges.
-                    await self._qmp(self.src_agent, "migrate-set-capabilities", {
-                        "capabilities": [{"capability": "auto-converge", "state": True}]})
-                await self._qmp(self.dst_agent, "migrate-incoming",
-                                {"uri": f"tcp:0.0.0.0:{MIGRATION_PORT}"})
+                    (self.src_agent, {**caps, "auto-converge": not zero_copy},
+                     {"tls-creds": creds, "max-bandwidth": 64 << 30, "downtime-limit": 500}),
+                    (self.dst_agent, caps, {"tls-creds": creds}))
+                for agent, end_caps, params in ends:
+                    await agent.qmp(name, "migrate-set-capabilities", {"capabilities": [
+                        {"capability": c, "state": on} for c, on in end_caps.items()]})
+                    await agent.qmp(name, "migrate-set-parameters", params)
+                await self.dst_agent.qmp(name, "migrate-incoming",
+                                         {"uri": f"tcp:0.0.0.0:{MIGRATION_PORT}"})
                 if self.before_switch is not None:
                     await self.before_switch(self.dst_agent)
                 # Last look before the point of no return: the destination's agent and its
@@ -540,8 +533,8 @@ class _NestedRun:
             t0 = time.monotonic()
             dst_ip = self.dst_vm.ip.split("/")[0]
             try:
-                await self._qmp(self.src_agent, "migrate",
-                                {"uri": f"tcp:{dst_ip}:{MIGRATION_PORT}"})
+                await self.src_agent.qmp(name, "migrate",
+                                         {"uri": f"tcp:{dst_ip}:{MIGRATION_PORT}"})
             except VmbeamError as exc:
                 raise _NestedRollback(f"source refused to migrate: {exc}") from exc
             info = await self._wait_source()
@@ -640,7 +633,7 @@ class _NestedRun:
                                        else 120 + 120 * self.rec.memory / (1 << 30))
         while True:
             try:
-                info: dict[str, Any] = await self._qmp(self.src_agent, "query-migrate")
+                info: dict[str, Any] = await self.src_agent.qmp(self.rec.name, "query-migrate")
             except VmbeamError as exc:
                 raise _NestedRollback(f"lost the source during the switch: {exc}") from exc
             status = info.get("status")
@@ -650,7 +643,7 @@ class _NestedRun:
                 raise _NestedRollback(f"migration {status}: {info.get('error-desc', '')}")
             if time.monotonic() > deadline:
                 with contextlib.suppress(VmbeamError):
-                    await self._qmp(self.src_agent, "migrate_cancel")
+                    await self.src_agent.qmp(self.rec.name, "migrate_cancel")
                 raise _NestedRollback("timed out before the switch")
             await asyncio.sleep(0.005)
 
@@ -689,7 +682,7 @@ class _NestedRun:
             self.store.update_cloud_vm(self.dst_vm)
             if self.dst_region_id != self.rec.region_id:
                 self.store.remove_region(self.dst_region_id)
-        await resume_source(lambda cmd, args: self._qmp(self.src_agent, cmd, args),
+        await resume_source(functools.partial(self.src_agent.qmp, self.rec.name),
                             self.rec.name)
 
 

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .cloudvm import CloudVMRecord, CloudVMState
-from .errors import BadInputError, DuplicateGuestError, GuestBusyError, UnknownGuestError
+from .errors import (
+    BadInputError,
+    DuplicateGuestError,
+    GuestBusyError,
+    UnknownGuestError,
+    VmbeamError,
+)
 
 
 class GuestState(StrEnum):
@@ -154,20 +160,25 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _insert(self, table: str, row: dict[str, Any], duplicate: VmbeamError) -> None:
+        try:
+            self._db.execute(f"INSERT INTO {table} ({','.join(row)}) VALUES "
+                             f"({','.join('?' * len(row))})", list(row.values()))
+        except sqlite3.IntegrityError as exc:
+            raise duplicate from exc
+
+    def _update(self, table: str, row: dict[str, Any]) -> None:
+        self._db.execute(f"UPDATE {table} SET {','.join(f'{k}=?' for k in row)} WHERE name=?",
+                         [*row.values(), row["name"]])
+
     # -- guests ---------------------------------------------------------------------------
     def add_guest(self, rec: GuestRecord) -> None:
         rec.created_at = rec.created_at or time.time()
-        row = _row(rec)
-        try:
-            self._db.execute(f"INSERT INTO guests ({','.join(row)}) VALUES "
-                             f"({','.join('?' * len(row))})", list(row.values()))
-        except sqlite3.IntegrityError as exc:
-            raise DuplicateGuestError(f"a guest named {rec.name!r} already exists") from exc
+        self._insert("guests", _row(rec),
+                     DuplicateGuestError(f"a guest named {rec.name!r} already exists"))
 
     def update_guest(self, rec: GuestRecord) -> None:
-        row = _row(rec)
-        self._db.execute(f"UPDATE guests SET {','.join(f'{k}=?' for k in row)} WHERE name=?",
-                         [*row.values(), rec.name])
+        self._update("guests", _row(rec))
 
     def get_guest(self, name: str) -> GuestRecord:
         row = self._db.execute("SELECT * FROM guests WHERE name=?", (name,)).fetchone()
@@ -185,17 +196,11 @@ class Store:
     # -- cloud VMs -------------------------------------------------------------------------
     def add_cloud_vm(self, rec: CloudVMRecord) -> None:
         rec.created_at = rec.created_at or time.time()
-        row = _cvm_row(rec)
-        try:
-            self._db.execute(f"INSERT INTO cloud_vms ({','.join(row)}) VALUES "
-                             f"({','.join('?' * len(row))})", list(row.values()))
-        except sqlite3.IntegrityError as exc:
-            raise BadInputError(f"a cloud VM named {rec.name!r} already exists") from exc
+        self._insert("cloud_vms", _cvm_row(rec),
+                     BadInputError(f"a cloud VM named {rec.name!r} already exists"))
 
     def update_cloud_vm(self, rec: CloudVMRecord) -> None:
-        row = _cvm_row(rec)
-        self._db.execute(f"UPDATE cloud_vms SET {','.join(f'{k}=?' for k in row)} "
-                         f"WHERE name=?", [*row.values(), rec.name])
+        self._update("cloud_vms", _cvm_row(rec))
 
     def get_cloud_vm(self, name: str) -> CloudVMRecord:
         row = self._db.execute("SELECT * FROM cloud_vms WHERE name=?", (name,)).fetchone()

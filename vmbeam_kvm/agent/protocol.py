@@ -98,6 +98,11 @@ class AgentClient:
             raise AgentError(f"{self.name}: {op}: {reply.get('error')}", reply.get("type", ""))
         return reply.get("result")
 
+    async def qmp(self, guest: str, cmd: str, args: dict[str, Any] | None = None,
+                  timeout: float = 60.0) -> Any:
+        """Run a QMP command on the QEMU of ``guest`` in this cloud VM."""
+        return await self.call("qmp", timeout=timeout, name=guest, cmd=cmd, args=args)
+
     async def wait_ready(self, timeout: float) -> dict[str, Any]:
         """Wait until the agent answers ``ping`` (the cloud VM has booted)."""
         deadline = time.monotonic() + timeout
