@@ -103,8 +103,9 @@ class MigrationResult:
         return asdict(self)
 
 
-class _Rollback(Exception):
-    """Internal: the migration failed before the switch; roll back to the source."""
+class Rollback(Exception):
+    """Internal to the engines (local and nested): the migration failed before the switch;
+    the caller rolls back to the source."""
 
 
 class _Sampler:
@@ -260,7 +261,7 @@ class _LocalRun:
                 if self.opts.before_switch is not None:
                     await self.opts.before_switch(self.dst)
             except (VmbeamError, OSError) as exc:
-                raise _Rollback(f"preparing the destination failed: {exc}") from exc
+                raise Rollback(f"preparing the destination failed: {exc}") from exc
             setup_ms = (time.monotonic() - t_prepare) * 1000
             self._phase_done(MigrationPhase.PREPARE)
 
@@ -273,7 +274,7 @@ class _LocalRun:
                 try:
                     await self.src.execute("migrate", {"uri": f"unix:{main_sock}"})
                 except QMPCommandError as exc:
-                    raise _Rollback(f"source refused to migrate: {exc}") from exc
+                    raise Rollback(f"source refused to migrate: {exc}") from exc
             info = await self._wait_source()
             self._phase_done(MigrationPhase.SWITCH)
             crash_point(MigrationPhase.SWITCH)
@@ -328,7 +329,7 @@ class _LocalRun:
                 memory_bytes=self.rec.memory)
             self.store.journal(self.mig_id, MigrationPhase.DONE, result=result.to_json())
             return result
-        except _Rollback as exc:
+        except Rollback as exc:
             await self._rollback(str(exc))
             raise MigrationError(f"migration of {name!r} failed, source guest running: {exc}",
                                  source_resumed=True) from exc.__cause__
@@ -402,57 +403,13 @@ class _LocalRun:
             await self.dst.connect()
             await self.dst.execute("migrate-incoming", {"uri": f"unix:{self._cpr_main}"})
         except VmbeamError as exc:
-            raise _Rollback(f"cpr-transfer start failed: {exc}") from exc
-
-    async def _dst_dies_within(self, seconds: float) -> bool:
-        """Whether the destination is, or within ``seconds`` is, gone: a killed QEMU's
-        sockets close (and the source fails) a moment before the process is seen dead."""
-        assert self.dst is not None
-        deadline = time.monotonic() + seconds
-        while self.dst.alive():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+            raise Rollback(f"cpr-transfer start failed: {exc}") from exc
 
     async def _wait_source(self) -> dict[str, Any]:
         """Poll the source until its migration completes; failures roll back."""
-        assert self.dst is not None
         if self.opts.mode is MigrationMode.CPR_TRANSFER:
             await self._cpr_switch()
-        deadline = time.monotonic() + self._timeout()
-        dst_dead_at: float | None = None
-        start, delay = time.monotonic(), 0.001
-        while True:
-            try:
-                info: dict[str, Any] = await self.src.execute("query-migrate")
-            except QMPCommandError as exc:
-                raise _Rollback(f"lost the source's QMP during the switch: {exc}") from exc
-            status = info.get("status")
-            if status == "completed":
-                return info
-            if status in ("failed", "cancelled"):
-                why = info.get("error-desc", status)
-                if await self._dst_dies_within(1.0):
-                    why = f"destination QEMU died ({self.dst.log_tail(2)}); {why}"
-                raise _Rollback(f"migration {status}: {why}")
-            now = time.monotonic()
-            if not self.dst.alive():
-                dst_dead_at = dst_dead_at or now
-                if now - dst_dead_at > 5:  # source did not notice: stop it ourselves
-                    await self._cancel()
-                    raise _Rollback("destination QEMU died during the switch")
-            if now > deadline:
-                await self._cancel()
-                raise _Rollback(f"timed out after {self._timeout():.0f} s (status {status})")
-            await asyncio.sleep(delay)
-            # Poll tightly while a zero-copy switch may finish (ms), back off for precopy.
-            if now - start > 2:
-                delay = min(delay * 2, 0.05)
-
-    async def _cancel(self) -> None:
-        with contextlib.suppress(QMPCommandError):
-            await self.src.execute("migrate_cancel")
+        return await wait_for_handover(self.src.execute, self._timeout(), dst=self.dst)
 
     async def _wait_dest_running(self) -> None:
         """After the source completed: the destination must reach ``running``."""
@@ -486,6 +443,60 @@ class _LocalRun:
 
 
 QMPExecute = Callable[[str, "dict[str, Any] | None"], Awaitable[Any]]
+
+
+async def wait_for_handover(execute: QMPExecute, timeout: float, *,
+                            dst: QemuProcess | None = None, poll: float = 0.001
+                            ) -> dict[str, Any]:
+    """Poll the source (through ``execute``) until its migration completes; return its
+    final ``query-migrate``. Raises :class:`Rollback` when it fails, times out, or ``dst``
+    (a destination QEMU of this host, when there is one) dies; the migration is cancelled
+    first where the source would not stop by itself."""
+    start = time.monotonic()
+    dst_dead_at: float | None = None
+    delay = poll
+    while True:
+        try:
+            info: dict[str, Any] = await execute("query-migrate", None)
+        except VmbeamError as exc:
+            raise Rollback(f"lost the source's QMP during the switch: {exc}") from exc
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            why = info.get("error-desc", status)
+            if dst is not None and await _dies_within(dst, 1.0):
+                why = f"destination QEMU died ({dst.log_tail(2)}); {why}"
+            raise Rollback(f"migration {status}: {why}")
+        now = time.monotonic()
+        if dst is not None and not dst.alive():
+            dst_dead_at = dst_dead_at or now
+            if now - dst_dead_at > 5:  # the source did not notice: stop it ourselves
+                await _cancel(execute)
+                raise Rollback("destination QEMU died during the switch")
+        if now - start > timeout:
+            await _cancel(execute)
+            raise Rollback(f"timed out after {timeout:.0f} s (status {status})")
+        await asyncio.sleep(delay)
+        # Poll tightly while a zero-copy switch may finish (ms), back off for precopy.
+        if now - start > 2:
+            delay = min(delay * 2, max(poll, 0.05))
+
+
+async def _cancel(execute: QMPExecute) -> None:
+    with contextlib.suppress(VmbeamError):
+        await execute("migrate_cancel", None)
+
+
+async def _dies_within(proc: QemuProcess, seconds: float) -> bool:
+    """Whether ``proc`` is, or within ``seconds`` is, gone: a killed QEMU's sockets close
+    (and the source fails) a moment before the process is seen dead."""
+    deadline = time.monotonic() + seconds
+    while proc.alive():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 _IN_FLIGHT = ("active", "setup", "device", "pre-switchover", "cancelling")
 
 
@@ -587,4 +598,4 @@ async def recover(host: Host, rec: GuestRecord, mig: MigrationRecord) -> None:
 
 
 __all__ = ["MigrationMode", "MigrationOptions", "MigrationResult", "UnsafeStateError",
-           "migrate_local", "recover"]
+           "migrate_local", "recover", "resume_source", "wait_for_handover"]

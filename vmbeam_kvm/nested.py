@@ -36,7 +36,14 @@ from .cloudvm import (
 from .config import Settings
 from .errors import BadInputError, MigrationError, VmbeamError
 from .heartbeat import Heartbeat
-from .migration import MigrationMode, MigrationResult, crash_point, resume_source
+from .migration import (
+    MigrationMode,
+    MigrationResult,
+    Rollback,
+    crash_point,
+    resume_source,
+    wait_for_handover,
+)
 from .qemu.process import ProcessRef, QemuProcess, cpu_seconds
 from .region import BeamRegion
 from .store import GuestRecord, GuestState, MigrationPhase, MigrationRecord
@@ -526,7 +533,7 @@ class _NestedRun:
                 crash_point(MigrationPhase.PREPARE)
                 self._done("prepare")
             except VmbeamError as exc:
-                raise _NestedRollback(f"preparing the destination failed: {exc}") from exc
+                raise Rollback(f"preparing the destination failed: {exc}") from exc
             # ---- SWITCH: device state over the L1-L1 network --------------------------
             self.store.journal(mig_id, MigrationPhase.SWITCH)
             hb0 = await self.ops.heartbeat(self.rec)
@@ -536,7 +543,7 @@ class _NestedRun:
                 await self.src_agent.qmp(name, "migrate",
                                          {"uri": f"tcp:{dst_ip}:{MIGRATION_PORT}"})
             except VmbeamError as exc:
-                raise _NestedRollback(f"source refused to migrate: {exc}") from exc
+                raise Rollback(f"source refused to migrate: {exc}") from exc
             info = await self._wait_source()
             crash_point(MigrationPhase.SWITCH)
             if self.after_switch is not None:
@@ -577,7 +584,7 @@ class _NestedRun:
                 tls=self.tls)
             self.store.journal(mig_id, MigrationPhase.DONE, result=result.to_json())
             return result
-        except _NestedRollback as exc:
+        except Rollback as exc:
             await self._rollback()
             self.rec.state = GuestState.RUNNING
             self.store.update_guest(self.rec)
@@ -629,23 +636,11 @@ class _NestedRun:
         raise BadInputError(f"fdset {att['fdset']} of region {self.rec.region_id} is gone")
 
     async def _wait_source(self) -> dict[str, Any]:
-        deadline = time.monotonic() + (60 if self.mode is MigrationMode.ZERO_COPY
-                                       else 120 + 120 * self.rec.memory / (1 << 30))
-        while True:
-            try:
-                info: dict[str, Any] = await self.src_agent.qmp(self.rec.name, "query-migrate")
-            except VmbeamError as exc:
-                raise _NestedRollback(f"lost the source during the switch: {exc}") from exc
-            status = info.get("status")
-            if status == "completed":
-                return info
-            if status in ("failed", "cancelled"):
-                raise _NestedRollback(f"migration {status}: {info.get('error-desc', '')}")
-            if time.monotonic() > deadline:
-                with contextlib.suppress(VmbeamError):
-                    await self.src_agent.qmp(self.rec.name, "migrate_cancel")
-                raise _NestedRollback("timed out before the switch")
-            await asyncio.sleep(0.005)
+        timeout = (60 if self.mode is MigrationMode.ZERO_COPY
+                   else 120 + 120 * self.rec.memory / (1 << 30))
+        # Every poll is an agent round trip inside the L1s: not tighter than 5 ms.
+        return await wait_for_handover(functools.partial(self.src_agent.qmp, self.rec.name),
+                                       timeout, poll=0.005)
 
     async def _wait_dest_running(self) -> int:
         deadline = time.monotonic() + 30
@@ -684,10 +679,6 @@ class _NestedRun:
                 self.store.remove_region(self.dst_region_id)
         await resume_source(functools.partial(self.src_agent.qmp, self.rec.name),
                             self.rec.name)
-
-
-class _NestedRollback(Exception):
-    """Internal: failed before the switch; roll back to the source cloud VM."""
 
 
 __all__ = ["DEFAULT_LAB", "CloudOps", "NestedResult", "lab_down", "lab_network", "lab_up"]
