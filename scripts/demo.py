@@ -5,16 +5,20 @@ in l1a, move it zero-copy to l1b and back, then by precopy for comparison, lab d
 ``--flat``: the same guest moved between two QEMU processes on this host.
 
 Uses the Python API end to end; the state directory and lab namespace are private to the
-demo and everything it starts is stopped at the end, also on failure or Ctrl-C.
+demo and everything it starts is stopped at the end, also on failure or Ctrl-C. A failed run
+keeps its state directory (QEMU logs, cloud-VM consoles, the store) and prints its path.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from vmbeam_kvm import (
@@ -63,8 +67,27 @@ def table(results: list[MigrationResult]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def state_dir() -> Iterator[list[str]]:
+    """A private state directory, removed after a good run and kept after a failed one.
+
+    Yields a one-element list the run sets to "ok" when everything checked out.
+    """
+    path = tempfile.mkdtemp(prefix="vmbeam-demo-", dir="/tmp")
+    verdict = [path]
+    try:
+        yield verdict
+    finally:
+        if verdict[0] == "ok":
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            say(f"FAILED: state directory kept for the logs: {path} (QEMU logs and consoles "
+                f"under guests/*/ and cloudvms/*/)")
+
+
 async def nested(memory: str) -> int:
-    with tempfile.TemporaryDirectory(prefix="vmbeam-demo-") as state:
+    with state_dir() as verdict:
+        state = verdict[0]
         settings = Settings(state_dir=Path(state), lab_ns=f"vmbeam-demo-{os.getpid()}")
         async with Host(settings) as host:
             try:
@@ -90,14 +113,17 @@ async def nested(memory: str) -> int:
             finally:
                 say("lab down...")
                 await lab_down(host)
-    print(f"\nvmbeam-kvm demo: test guest, {memory} RAM, between co-located cloud VMs\n")
-    print(table(results))
-    zc, pre = results[0], results[2]
-    print(f"\nzero-copy was {pre.total_ms / zc.total_ms:.0f}x faster than precopy and put "
-          f"{getattr(pre, 'network_bytes', 0) / max(getattr(zc, 'network_bytes', 1), 1):.0f}x "
-          f"fewer bytes on the L1-L1 network; guest in {st.cloud_vm}, memory verdict "
-          f"{'good' if st.memory_ok else 'BAD'}; cross-tenant move refused: {refused}")
-    return 0 if all(r.guest_ok for r in results) and st.memory_ok and refused else 1
+        print(f"\nvmbeam-kvm demo: test guest, {memory} RAM, between co-located cloud VMs\n")
+        print(table(results))
+        zc, pre = results[0], results[2]
+        print(f"\nzero-copy was {pre.total_ms / zc.total_ms:.0f}x faster than precopy and put "
+              f"{getattr(pre, 'network_bytes', 0) / max(getattr(zc, 'network_bytes', 1), 1):.0f}x"
+              f" fewer bytes on the L1-L1 network; guest in {st.cloud_vm}, memory verdict "
+              f"{'good' if st.memory_ok else 'BAD'}; cross-tenant move refused: {refused}")
+        ok = all(r.guest_ok for r in results) and bool(st.memory_ok) and refused
+        if ok:
+            verdict[0] = "ok"
+        return 0 if ok else 1
 
 
 def say(msg: str) -> None:
@@ -105,7 +131,8 @@ def say(msg: str) -> None:
 
 
 async def main(image: str, memory: str) -> int:
-    with tempfile.TemporaryDirectory(prefix="vmbeam-demo-") as state:
+    with state_dir() as verdict:
+        state = verdict[0]
         async with Host(Settings(state_dir=Path(state))) as host:
             print(f"demo: starting a {memory} {image} guest (RAM in a beam region)...",
                   file=sys.stderr)
@@ -129,6 +156,8 @@ async def main(image: str, memory: str) -> int:
               f"bytes; guest heartbeat seq {final.heartbeat.seq if final.heartbeat else '-'}, "
               f"memory verdict {'good' if final.memory_ok else 'BAD'}")
         ok = all(r.guest_ok for r in results) and bool(final.memory_ok)
+        if ok:
+            verdict[0] = "ok"
         return 0 if ok else 1
 
 

@@ -7,64 +7,22 @@ l1c of tenant-b, on a bridge in a namespace of the test's own.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmbeam_kvm import Accel, Host, MigrationError, Settings
+from vmbeam_kvm import Host, MigrationError
 from vmbeam_kvm.agent.protocol import AgentClient
 
-from .conftest import REPO, STATE_PREFIX, qemu_pids, run_cli
+from .conftest import REPO, attached, cli, run_cli, settings_of
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[dict[str, Any]]:
-    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"))
-    env = {"VMBEAM_LAB_NS": f"vbt-lab-{os.getpid()}", "VMBEAM_LAB_SUBNET": "10.231.9.0/24"}
-    info: dict[str, Any] = {"state": state, "env": env}
-    try:
-        proc = run_cli(state, "lab", "up", "--json", env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        out = json.loads(proc.stdout)
-        assert out["cloud_vms"] == {"tenant-a": ["l1a", "l1b"], "tenant-b": ["l1c"]}
-        info["lab"] = out
-        yield info
-    finally:
-        down = run_cli(state, "lab", "down", "--json", env=env, timeout=300)
-        leftover = qemu_pids(str(state))
-        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        shutil.rmtree(state, ignore_errors=True)
-        assert down.returncode == 0, down.stderr
-        assert leftover == [], "lab down left QEMU processes"
-        assert env["VMBEAM_LAB_NS"] not in netns, "lab down left its namespace"
-
-
-def cli(lab: dict[str, Any], *args: str, rc: int = 0, timeout: float = 300) -> Any:
-    proc = run_cli(lab["state"], *args, "--json", env=lab["env"], timeout=timeout)
-    assert proc.returncode == rc, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def settings_of(lab: dict[str, Any]) -> Settings:
-    return Settings(state_dir=lab["state"], accel=Accel.TCG, lab_ns=lab["env"]["VMBEAM_LAB_NS"],
-                    lab_subnet=lab["env"]["VMBEAM_LAB_SUBNET"])
-
-
-def attached(lab: dict[str, Any], guest: str) -> list[str]:
-    regions = cli(lab, "region", "list")
-    return [vm for r in regions if r["guest"] == guest for vm in r["attached_to"]]
 
 
 @pytest.fixture

@@ -86,32 +86,43 @@ def test_region_pow2_layout() -> None:
 
 
 class _FakeSource:
-    """The QMP answers of a source QEMU whose migration ended in ``status``."""
+    """The QMP answers of a source QEMU whose last migration (``query-migrate``) reads
+    ``status``; ``outgoing`` = that was one it sent (QEMU adds the source-side times)."""
 
-    def __init__(self, status: str) -> None:
-        self.migration, self.run_state = status, "postmigrate"
+    def __init__(self, status: str, outgoing: bool, run_state: str = "postmigrate") -> None:
+        self.migration: dict[str, object] = {"status": status}
+        if outgoing:
+            self.migration["total-time"] = 12
+        self.run_state = run_state
         self.sent: list[str] = []
 
-    async def execute(self, cmd: str, args: object) -> dict[str, str]:
+    async def execute(self, cmd: str, args: object) -> dict[str, object]:
         self.sent.append(cmd)
         if cmd == "cont":
             self.run_state = "running"
-        return {"status": self.migration if cmd == "query-migrate" else self.run_state}
+        return self.migration if cmd == "query-migrate" else {"status": self.run_state}
 
 
-@pytest.mark.parametrize(("status", "never_ran", "resumed"), [
-    ("failed", False, True), ("cancelled", False, True),
-    ("completed", False, False),  # handed over: the destination may have run
-    ("completed", True, True),    # ...unless it was seen never to run
-])
-async def test_resume_source_rule(status: str, never_ran: bool, resumed: bool) -> None:
+@pytest.mark.parametrize(("status", "outgoing", "started", "never_ran", "resumed"), [
+    ("failed", True, True, False, True), ("cancelled", True, True, False, True),
+    ("completed", True, True, False, False),  # handed over: the destination may have run
+    ("completed", True, True, True, True),    # ...unless it was seen never to run
+    # A source that itself arrived by migration reports that incoming one as completed:
+    ("completed", False, True, False, True),
+    # Before this run asked it to migrate, nothing it reports can be a handover of ours
+    # (an earlier outgoing migration whose destination never ran, then resumed):
+    ("completed", True, False, False, True),
+], ids=lambda v: str(v))
+async def test_resume_source_rule(status: str, outgoing: bool, started: bool,
+                                  never_ran: bool, resumed: bool) -> None:
     from vmbeam_kvm import MigrationError
     from vmbeam_kvm.migration import resume_source
-    src = _FakeSource(status)
+    src = _FakeSource(status, outgoing, "postmigrate" if started else "running")
     if resumed:
-        await resume_source(src.execute, "g", dest_never_ran=never_ran)
+        await resume_source(src.execute, "g", switch_started=started, dest_never_ran=never_ran)
         assert src.run_state == "running"
     else:
         with pytest.raises(MigrationError):
-            await resume_source(src.execute, "g", dest_never_ran=never_ran)
+            await resume_source(src.execute, "g", switch_started=started,
+                                dest_never_ran=never_ran)
         assert "cont" not in src.sent

@@ -8,6 +8,7 @@ from .errors import (
                      BadInputError,
                      DuplicateGuestError,
                      GuestBusyError,
+                     GuestLostError,
                      LaunchError,
                      MigrationError,
                      QMPCommandError,
@@ -25,7 +26,7 @@ from .region import BeamRegion
 
 __all__ = [
     "Accel", "BadInputError", "BeamRegion", "DuplicateGuestError", "Guest", "GuestBusyError",
-    "GuestStatus", "Host", "LaunchError", "MigrationError", "MigrationMode", "MigrationOptions",
-    "MigrationResult", "NestedResult", "QMPCommandError", "RegionError", "RegionMismatchError",
-    "Settings", "UnknownGuestError", "UnsafeStateError", "VmbeamError",
+    "GuestLostError", "GuestStatus", "Host", "LaunchError", "MigrationError", "MigrationMode",
+    "MigrationOptions", "MigrationResult", "NestedResult", "QMPCommandError", "RegionError",
+    "RegionMismatchError", "Settings", "UnknownGuestError", "UnsafeStateError", "VmbeamError",
 ]

@@ -10,22 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
 from .bench import bench_flat, markdown_table, plot
 from .config import Accel, Settings
 from .errors import BadInputError, LaunchError, VmbeamError
-from .host import Host
+from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory
 from .migration import MigrationMode, MigrationOptions
-from .units import format_size, parse_size
+from .store import GuestState
+from .units import check_name, format_size, parse_percent, parse_size
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -42,6 +45,17 @@ def _emit(as_json: bool, data: Any, human: str) -> None:
         click.echo(human)
 
 
+def _fail(message: str, error_type: str, exit_code: int, as_json: bool) -> NoReturn:
+    """Report an error the one way scripts can rely on, and exit with its code."""
+    if exit_code == BadInputError.exit_code:
+        message = " ".join(message.splitlines())  # bad input: one line on stderr, always
+    if as_json:
+        click.echo(json.dumps({"error": message, "error_type": error_type,
+                               "exit_code": exit_code}))
+    click.echo(f"vmbeam-kvm: error: {message}", err=True)
+    sys.exit(exit_code)
+
+
 def command(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
     """Run an async command; map vmbeam errors to their exit codes and clear messages."""
 
@@ -50,13 +64,39 @@ def command(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
         try:
             asyncio.run(fn(*args, **kwargs))
         except VmbeamError as exc:
-            if kwargs.get("as_json"):
-                click.echo(json.dumps({"error": str(exc), "error_type": type(exc).__name__,
-                                       "exit_code": exc.exit_code}))
-            click.echo(f"vmbeam-kvm: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), type(exc).__name__, exc.exit_code, bool(kwargs.get("as_json")))
 
     return wrapper
+
+
+class _Cli(click.Group):
+    """The top-level group. click's own usage errors, and errors raised before a command
+    runs (e.g. settings from the environment), are reported like every other error: one
+    line on stderr, their exit code (2 for usage), a JSON document with ``--json``."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        argv = [str(a) for a in (args[0] if args and args[0] is not None
+                                 else kwargs.get("args") or sys.argv[1:])]
+        as_json = "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: help, not an error
+                exc.show()
+                sys.exit(exc.exit_code)
+            msg = exc.format_message()
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                msg += f" (see {exc.ctx.command_path} --help)"
+            _fail(msg, type(exc).__name__, exc.exit_code, as_json)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except VmbeamError as exc:
+            _fail(str(exc), type(exc).__name__, exc.exit_code, as_json)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+            sys.exit(rv)  # ctx.exit(code) comes back as a return value in this mode
+        return rv
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -67,19 +107,22 @@ def _settings(ctx: click.Context) -> Settings:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 
 
-@click.group()
-@click.option("--state-dir", type=click.Path(path_type=Path), envvar="VMBEAM_STATE_DIR",
+@click.group(cls=_Cli)
+@click.option("--state-dir", envvar="VMBEAM_STATE_DIR",
               help="State directory (default /var/lib/vmbeam-kvm).")
 @click.option("--accel", type=click.Choice([a.value for a in Accel]), envvar="VMBEAM_ACCEL",
               help="Accelerator for new guests: auto probes KVM, else TCG.")
 @click.option("-v", "--verbose", is_flag=True, help="Log QMP traffic details.")
 @click.pass_context
-def main(ctx: click.Context, state_dir: Path | None, accel: str | None, verbose: bool) -> None:
+def main(ctx: click.Context, state_dir: str | None, accel: str | None, verbose: bool) -> None:
     """vmbeam-kvm: move running guests between co-located VMs without copying their RAM."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.CRITICAL)
+    if state_dir == "":
+        # Path("") is the current directory: never what an empty value means.
+        raise BadInputError("--state-dir is empty")
     settings = Settings()
     if state_dir is not None:
-        settings = replace(settings, state_dir=state_dir)
+        settings = replace(settings, state_dir=Path(state_dir))
     if accel is not None:
         settings = replace(settings, accel=Accel(accel))
     ctx.obj = settings
@@ -110,7 +153,13 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
                       qemu: str | None, cloud_vm: str | None, net: bool | None,
                       wait: bool, as_json: bool) -> None:
     """Start guest NAME with its RAM in a new beam region."""
+    # What needs no store is refused before the state directory is touched.
+    check_name(name)
+    check_guest_memory(memory, in_cloud_vm=cloud_vm is not None)
+    parse_percent(touch)
     async with Host(_settings(ctx)) as host:
+        host.check_new_guest(name, memory, image=image, touch=touch, qemu=qemu,
+                             cloud_vm=cloud_vm)
         where = f" in cloud VM {cloud_vm}" if cloud_vm else ""
         _progress(f"starting guest {name}{where} ({memory}, image {image}, touch {touch})")
         if cloud_vm:
@@ -191,7 +240,7 @@ async def guest_stop(ctx: click.Context, name: str, as_json: bool) -> None:
               default="auto", show_default=True,
               help="auto: zero-copy when the memory can be shared, else precopy.")
 @click.option("--qemu", help="QEMU binary for the destination (live update).")
-@click.option("--timeout", type=float, help="Seconds allowed before the switch.")
+@click.option("--timeout", type=float, help="Seconds allowed before the switch (--local).")
 @json_option
 @click.pass_context
 @command
@@ -201,9 +250,25 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
     if local == (to is not None):
         raise BadInputError("say where to: --local (a new QEMU process on this host) or "
                             "--to CLOUD_VM")
+    if to is not None and (qemu is not None or timeout is not None):
+        raise BadInputError("--qemu and --timeout apply to --local migrations only")
+    if to is not None and mode == MigrationMode.CPR_TRANSFER.value:
+        raise BadInputError("cpr-transfer is a local-only mode")
     async with Host(_settings(ctx)) as host:
+        # Unknown guests and cloud VMs are refused before any lock file or journal entry.
+        rec = host.store.get_guest(name)
         if to is not None:
-            _progress(f"migrating {name} ({mode}) to cloud VM {to}")
+            if not rec.cloud_vm:
+                raise BadInputError(f"guest {name!r} runs on this host, not in a cloud VM: "
+                                    f"use --local")
+            if rec.state is not GuestState.RUNNING:
+                raise BadInputError(f"guest {name!r} is {rec.state.value}")
+            host.cloud.running_vm(rec.cloud_vm)
+            if host.cloud.running_vm(to).name == rec.cloud_vm:
+                raise BadInputError(f"guest {name!r} already runs in {to!r}")
+            # A cross-tenant request is refused (and logged) by the migration itself.
+            if host.cloud.vm(to).tenant == rec.tenant:
+                _progress(f"migrating {name} ({mode}) to cloud VM {to}")
             nres = await host.cloud.migrate(name, to, None if mode == "auto"
                                             else MigrationMode(mode))
             _emit(as_json, nres.to_json(),
@@ -214,9 +279,10 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
             return
         if mode == "auto":
             mode = MigrationMode.ZERO_COPY.value
+        opts = MigrationOptions(mode=MigrationMode(mode), qemu=qemu, timeout=timeout)
+        host.check_migration(name, opts)
         _progress(f"migrating {name} ({mode}) to a new local QEMU")
-        res = await host.migrate(name, MigrationOptions(mode=MigrationMode(mode), qemu=qemu,
-                                                        timeout=timeout))
+        res = await host.migrate(name, opts)
     ratio = "n/a" if res.shared_frames_ratio is None else f"{res.shared_frames_ratio:.4f}"
     _emit(as_json, res.to_json(),
           f"{name}: {res.mode} migration {res.status} in {res.total_ms:.1f} ms (downtime "
@@ -242,10 +308,14 @@ async def cloud_vm_start(ctx: click.Context, name: str, tenant: str, memory: str
                          as_json: bool) -> None:
     """Boot cloud VM NAME on the lab network and wait for its agent."""
     from .nested import lab_network
-    async with Host(_settings(ctx)) as host:
+    settings = _settings(ctx)
+    check_name(name, "cloud VM name", CLOUD_VM_NAME_MAX)
+    settings.check_lab()
+    lab = lab_network(settings)
+    async with Host(settings) as host:
+        host.validate_new_cloud_vm(name, tenant, memory, cpus, lab)
         _progress(f"booting cloud VM {name} (tenant {tenant}, {memory}, {cpus} CPUs)")
-        rec = await host.cloud.start_cloud_vm(name, tenant, memory, cpus,
-                                              lab=lab_network(_settings(ctx)))
+        rec = await host.start_cloud_vm(name, tenant, memory, cpus, lab=lab)
     _emit(as_json, _cvm_json(rec), f"cloud VM {name} running (pid {rec.pid}, {rec.ip})")
 
 
@@ -295,6 +365,7 @@ async def lab_up(ctx: click.Context, as_json: bool) -> None:
     """Build the lab network and boot its cloud VMs."""
     from .nested import lab_up as do_lab_up
     settings = _settings(ctx)
+    settings.check_lab()
     async with Host(settings) as host:
         _progress(f"lab: booting cloud VMs on {settings.lab_subnet} (namespace "
                   f"{settings.lab_ns})")
@@ -351,6 +422,28 @@ def bench() -> None:
     """Benchmarks."""
 
 
+def _bench_sizes(sizes: str, *, in_cloud_vm: bool) -> list[int]:
+    """Every size of ``--sizes``, each checked as a new guest's."""
+    size_list = [check_guest_memory(s, in_cloud_vm=in_cloud_vm)
+                 for s in sizes.split(",") if s.strip()]
+    if not size_list:
+        raise BadInputError("--sizes is empty: give e.g. 128M,1G")
+    return size_list
+
+
+def _check_plot_path(path: Path | None) -> None:
+    """Refuse a plot that could not be written, before the benchmark rather than after."""
+    if path is None:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BadInputError("--plot needs matplotlib: pip install 'vmbeam-kvm[plot]'")
+    if path.is_dir():
+        raise BadInputError(f"--plot {path} is a directory")
+    parent = path.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"--plot {path}: {parent} is not a writable directory")
+
+
 @bench.command("flat")
 @click.option("--sizes", default="1G,4G,8G", show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True)
@@ -363,14 +456,19 @@ def bench() -> None:
 async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str, methods: str,
                          plot_path: Path | None, as_json: bool) -> None:
     """Zero-copy vs precopy vs cpr-transfer on this host, per guest size."""
-    from .units import parse_percent
-    size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
+    # Every argument is checked before the first guest boots, not after minutes of runs.
+    size_list = _bench_sizes(sizes, in_cloud_vm=False)
+    pct = parse_percent(touch)
     try:
         modes = [MigrationMode(m.strip()) for m in methods.split(",") if m.strip()]
     except ValueError as exc:
         raise BadInputError(f"unknown method in {methods!r}") from exc
+    if not modes:
+        raise BadInputError("--methods is empty")
+    modes = list(dict.fromkeys(modes))  # one row per method
+    _check_plot_path(plot_path)
     async with Host(_settings(ctx)) as host:
-        rows = await bench_flat(host, size_list, repeat=repeat, touch=parse_percent(touch),
+        rows = await bench_flat(host, size_list, repeat=repeat, touch=pct,
                                 methods=modes, progress=_progress)
     if plot_path is not None:
         plot(rows, plot_path)
@@ -393,8 +491,10 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
     """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed)."""
     from .bench import bench_nested
     from .nested import DEFAULT_LAB, lab_network
-    from .units import parse_percent
-    size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
+    size_list = _bench_sizes(sizes, in_cloud_vm=True)
+    pct = parse_percent(touch)
+    _check_plot_path(plot_path)
+    _settings(ctx).check_lab()
     pair = DEFAULT_LAB["tenant-a"]
     async with Host(_settings(ctx)) as host:
         have = {vm.name for vm in host.store.cloud_vms()}
@@ -405,8 +505,7 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
             await asyncio.gather(*(host.cloud.start_cloud_vm(n, "tenant-a", lab=net)
                                    for n in started))
             rows = await bench_nested(host, size_list, cloud_vms=(pair[0], pair[1]),
-                                      repeat=repeat, touch=parse_percent(touch),
-                                      progress=_progress)
+                                      repeat=repeat, touch=pct, progress=_progress)
         finally:
             for n in started:
                 with contextlib.suppress(VmbeamError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import shutil
 import subprocess
 import time
@@ -23,18 +24,21 @@ from typing import TYPE_CHECKING, Any
 
 import qemu.qmp
 
-from .agent.protocol import PORT_NAME, AgentClient
+from .agent.protocol import PORT_NAME, AgentClient, AgentError
 from .config import REPO_ROOT
-from .errors import LaunchError, QMPCommandError, RegionError
+from .errors import BadInputError, LaunchError, QMPCommandError, RegionError
 from .qemu.process import ProcessRef, QemuProcess
 from .region import BeamRegion, read_identity_of
 
 if TYPE_CHECKING:  # pyroute2 is an L0-only dependency; the agent imports this package too
     from .net import LabNetwork
 
+log = logging.getLogger(__name__)
+
 ROOT_PORTS = 4            # hot-plug slots: at most this many regions per cloud VM
 ROOT_PORT_WINDOW = "16G"  # prefetchable 64-bit window per port (largest region)
-BOOT_TIMEOUT = 180.0
+# Seen here: 25-37 s for three cloud VMs booting at once on 2 busy cores (TCG).
+BOOT_TIMEOUT = 120.0
 
 
 class CloudVMState(StrEnum):
@@ -70,7 +74,7 @@ class CloudVMRecord:
 
     @property
     def agent(self) -> AgentClient:
-        return AgentClient(Path(self.agent_path), self.name)
+        return AgentClient(Path(self.agent_path), self.name, Path(self.console_path))
 
 
 def source_tree(dest: Path, images_dir: Path) -> None:
@@ -114,19 +118,44 @@ def build_source_disk(state_dir: Path, images_dir: Path) -> Path:
     return disk
 
 
+@dataclass(frozen=True)
+class TcgTuning:
+    """How a cloud VM runs under TCG: QEMU's TCG threading, the CPU model and extra kernel
+    arguments. Parsed from ``Settings.cloudvm_tcg`` (``key=value;...``; empty = defaults)."""
+
+    thread: str = "multi"      # -accel tcg,thread=
+    cpu: str = ""              # -cpu (empty: QEMU's default model)
+    append: str = ""           # extra kernel command line
+
+    @classmethod
+    def parse(cls, text: str) -> TcgTuning:
+        values: dict[str, str] = {}
+        for item in filter(None, text.split(";")):
+            key, _, value = item.partition("=")
+            if key not in ("thread", "cpu", "append"):
+                raise BadInputError(f"cloud-VM TCG tuning: unknown key {key!r} "
+                                    f"(thread, cpu, append)")
+            values[key] = value
+        return cls(**values)
+
+
 def cloudvm_argv(rec: CloudVMRecord, *, qemu: str, accel: str, images_dir: Path,
-                 src_disk: Path, mac: str) -> list[str]:
+                 src_disk: Path, mac: str, tcg: TcgTuning | None = None) -> list[str]:
     img = images_dir / "cloudvm"
     for f in (images_dir / "linux" / "vmlinux", img / "initrd.img", img / "rootfs.ext4"):
         if not f.exists():
             raise LaunchError(f"cloud-VM image {f} is missing: run `make images`")
+    tcg = tcg or TcgTuning()
     append = f"console=ttyS0 quiet root=/dev/vda vmbeam.name={rec.name}"
     if rec.ip:
         append += f" vmbeam.ip={rec.ip}"
+    if accel == "tcg" and tcg.append:
+        append += f" {tcg.append}"
+    accel_arg = f"tcg,thread={tcg.thread}" if accel == "tcg" else accel
     argv = [
         qemu, "-name", f"cloudvm-{rec.name},debug-threads=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-accel", accel, "-machine", "q35", "-m", f"{rec.memory}B", "-smp", str(rec.cpus),
+        "-accel", accel_arg, "-machine", "q35", "-m", f"{rec.memory}B", "-smp", str(rec.cpus),
         "-kernel", str(images_dir / "linux" / "vmlinux"), "-initrd", str(img / "initrd.img"),
         "-append", append,
         # snapshot=on: every cloud VM writes to its own throw-away overlay of the image.
@@ -143,6 +172,8 @@ def cloudvm_argv(rec: CloudVMRecord, *, qemu: str, accel: str, images_dir: Path,
     ]
     if accel == "kvm":
         argv += ["-cpu", "host"]
+    elif tcg.cpu:
+        argv += ["-cpu", tcg.cpu]
     for i in range(ROOT_PORTS):
         argv += ["-device", f"pcie-root-port,id=rp{i},chassis={i + 1},slot={i + 1},"
                             f"pref64-reserve={ROOT_PORT_WINDOW}"]
@@ -160,15 +191,33 @@ def mac_for(name: str) -> str:
 async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | None,
                          agent: AgentClient) -> QemuProcess:
     """Start the L1 QEMU (inside the lab's namespace, where its tap lives) and wait for
-    its agent (on ``agent``: QEMU's chardev serves one client at a time)."""
-    proc = await QemuProcess.launch(argv, Path(rec.qmp_path), Path(rec.log_path),
-                                    netns=lab.ns if lab else None)
-    try:
-        await agent.wait_ready(BOOT_TIMEOUT)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc
+    its agent (on ``agent``: QEMU's chardev serves one client at a time).
+
+    A cloud VM whose agent does not answer by ``BOOT_TIMEOUT`` is restarted once (its
+    console kept as ``console.log.1``); if it fails again the error names it and quotes the
+    end of its console.
+    """
+    for attempt in (1, 2):
+        proc = await QemuProcess.launch(argv, Path(rec.qmp_path), Path(rec.log_path),
+                                        netns=lab.ns if lab else None)
+        try:
+            await agent.wait_ready(BOOT_TIMEOUT, alive=proc.alive)
+            return proc
+        except AgentError as exc:
+            proc.kill()
+            await agent.close()
+            if attempt == 2:
+                raise LaunchError(f"cloud VM {rec.name} did not come up, twice: {exc}; QEMU "
+                                  f"log: {proc.log_tail(3)}") from exc
+            log.warning("cloud VM %s did not come up (%s); restarting it once", rec.name,
+                        str(exc).splitlines()[0])
+            console = Path(rec.console_path)
+            with contextlib.suppress(OSError):
+                console.replace(console.with_name(console.name + ".1"))
+        except BaseException:
+            proc.kill()
+            raise
+    raise AssertionError("unreachable")
 
 
 async def attach_region(proc: QemuProcess, rec: CloudVMRecord, region: BeamRegion) -> None:

@@ -6,7 +6,9 @@ Python API agree without passing options through every layer.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -46,7 +48,7 @@ _E = TypeVar("_E", bound=StrEnum)
 
 
 def _enum_env(kind: type[_E], var: str, default: _E) -> _E:
-    value = os.environ.get(var, default.value)
+    value = os.environ.get(var) or default.value  # empty means unset
     try:
         return kind(value)
     except ValueError:
@@ -55,7 +57,29 @@ def _enum_env(kind: type[_E], var: str, default: _E) -> _E:
 
 
 def _default_state_dir() -> Path:
-    return Path(os.environ.get("VMBEAM_STATE_DIR", "/var/lib/vmbeam-kvm"))
+    # An empty VMBEAM_STATE_DIR means unset, not Path("") (the current directory).
+    return Path(os.environ.get("VMBEAM_STATE_DIR") or "/var/lib/vmbeam-kvm")
+
+
+# A namespace name is a file name under /run/netns: no '/', no leading '.' or '-'.
+_NETNS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Cloud VMs get .2 upwards and guests .100 to .250 (nested.CloudOps): at least a /24.
+_LAB_MAX_PREFIX = 24
+
+
+def check_lab_network(ns: str, subnet: str) -> None:
+    """Refuse a lab namespace or subnet that could not be built, before anything is."""
+    if not isinstance(ns, str) or not _NETNS_RE.fullmatch(ns):
+        raise BadInputError(f"invalid lab namespace {ns!r} (VMBEAM_LAB_NS): use 1-64 letters, "
+                            f"digits, '.', '_' or '-', starting with a letter or digit")
+    try:
+        net = ipaddress.IPv4Network(subnet)
+    except (ValueError, TypeError) as exc:
+        raise BadInputError(f"invalid lab subnet {subnet!r} (VMBEAM_LAB_SUBNET): "
+                            f"{exc}") from None
+    if net.prefixlen > _LAB_MAX_PREFIX:
+        raise BadInputError(f"lab subnet {subnet} (VMBEAM_LAB_SUBNET) is too small: use a "
+                            f"/{_LAB_MAX_PREFIX} or larger")
 
 
 def _default_images_dir() -> Path:
@@ -69,7 +93,7 @@ class Settings:
     state_dir: Path = field(default_factory=_default_state_dir)
     qemu_binary: str = field(
         default_factory=lambda: os.environ.get("VMBEAM_QEMU", "qemu-system-x86_64"))
-    accel: Accel = field(default_factory=lambda: Accel(os.environ.get("VMBEAM_ACCEL", "auto")))
+    accel: Accel = field(default_factory=lambda: _enum_env(Accel, "VMBEAM_ACCEL", Accel.AUTO))
     images_dir: Path = field(default_factory=_default_images_dir)
     # The lab network of cloud VMs: a namespace of our own and a subnet inside it only.
     lab_ns: str = field(default_factory=lambda: os.environ.get("VMBEAM_LAB_NS", "vmbeam-lab"))
@@ -79,6 +103,13 @@ class Settings:
     # pre-shared key keeps them from feeding or reading the stream.
     migration_tls: MigrationTLS = field(default_factory=lambda: _enum_env(
         MigrationTLS, "VMBEAM_MIGRATION_TLS", MigrationTLS.AUTO))
+
+    # How cloud VMs (L1) are built under TCG; see cloudvm.TcgTuning for the measured choice.
+    cloudvm_tcg: str = field(default_factory=lambda: os.environ.get("VMBEAM_CLOUDVM_TCG", ""))
+
+    def check_lab(self) -> None:
+        """Raise :class:`BadInputError` unless the lab namespace and subnet are usable."""
+        check_lab_network(self.lab_ns, self.lab_subnet)
 
     def resolve_qemu(self, binary: str | None = None) -> str:
         """Return the absolute path of a QEMU binary, or raise a clear error."""

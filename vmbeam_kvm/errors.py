@@ -69,6 +69,11 @@ class MigrationError(VmbeamError):
         return 3 if self.source_resumed else 4
 
 
+class GuestLostError(VmbeamError):
+    """Every copy of the guest died (e.g. its source QEMU was killed mid-migration): nothing
+    runs and nothing could run twice; the guest is recorded ``lost``."""
+
+
 class UnsafeStateError(VmbeamError):
     """The guest's state could not be made safe automatically; an operator must act."""
 

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
+import math
+import os
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .accel import resolve_accel
-from .config import Settings
+from .cloudvm import ROOT_PORT_WINDOW, ROOT_PORTS, CloudVMRecord, CloudVMState
+from .config import Accel, Settings, check_lab_network
 from .errors import (
     BadInputError,
+    DuplicateGuestError,
     GuestBusyError,
     QMPCommandError,
     UnknownGuestError,
@@ -33,19 +36,64 @@ from .errors import (
 )
 from .guest import Guest, GuestStatus
 from .heartbeat import Heartbeat, read_status
-from .migration import MigrationOptions, MigrationResult, migrate_local, recover
+from .migration import (
+    MigrationMode,
+    MigrationOptions,
+    MigrationResult,
+    migrate_local,
+    recover,
+)
 from .nested import CloudOps
 from .qemu.machine import GuestImage, MachineSpec, RamBackend, build_argv
 from .qemu.process import ProcessRef, QemuProcess
 from .region import BeamRegion
 from .store import GuestRecord, GuestState, MigrationPhase, Store
-from .units import PAGE_SIZE, parse_percent, parse_size
+from .units import PAGE_SIZE, check_name, format_size, parse_percent, parse_size, shown
+
+if TYPE_CHECKING:
+    from .net import LabNetwork
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 MIN_MEMORY = 32 << 20
+# A floor far below the lab's 2G: smaller sizes (0, "256" meant as MiB) are refused as the
+# typos they are rather than left to time out booting Debian, python3 and an L2 QEMU.
+MIN_CLOUD_VM_MEMORY = 256 << 20
+MAX_CPUS = 64
+# A cloud VM's tap is "tap-<name>" and interface names hold 15 characters: longer names
+# would collide once cut.
+CLOUD_VM_NAME_MAX = 11
 _MAX_SOCKET_PATH = 107
+# Room for the instance number in "qmp-<instance>.sock": it grows with every migration.
+_INSTANCE_DIGITS = 6
+
+
+def check_guest_memory(memory: int | str, *, in_cloud_vm: bool = False) -> int:
+    """Parse and check a new guest's RAM size; raise :class:`BadInputError` if unusable.
+
+    In a cloud VM the region (RAM + identity page) is rounded up to a power of two and must
+    fit one hot-plug root port's 64-bit window.
+    """
+    size = parse_size(memory)
+    if size % PAGE_SIZE:
+        raise BadInputError(f"memory size {size} is not a multiple of the page size "
+                            f"({PAGE_SIZE} bytes)")
+    if size < MIN_MEMORY:
+        raise BadInputError(f"memory size {size} is below the minimum of "
+                            f"{MIN_MEMORY >> 20} MiB")
+    if in_cloud_vm:
+        window = parse_size(ROOT_PORT_WINDOW)
+        region = 1 << (size + PAGE_SIZE - 1).bit_length()
+        if region > window:
+            raise BadInputError(f"memory size {format_size(size)} does not fit a cloud VM: its "
+                                f"region ({format_size(region)}, RAM + identity page rounded "
+                                f"up to a power of two) exceeds the {ROOT_PORT_WINDOW} "
+                                f"hot-plug window")
+    avail = mem_available()
+    if size > avail:
+        raise BadInputError(f"memory size {size >> 20} MiB exceeds the host's available "
+                            f"memory ({avail >> 20} MiB)")
+    return size
 
 
 def mem_available() -> int:
@@ -132,26 +180,101 @@ class Host:
 
     # -- guests ---------------------------------------------------------------------------
     @staticmethod
-    def validate_name(name: str) -> None:
-        if not _NAME_RE.match(name):
-            raise BadInputError(f"invalid name {name!r}: use 1-32 letters, digits, "
-                                f"'.', '_' or '-'")
+    def validate_name(name: str, what: str = "name") -> None:
+        check_name(name, what)
 
-    def validate_new_guest(self, name: str, memory: int) -> None:
+    def _check_socket_path(self, path: Path) -> None:
+        if len(str(path)) > _MAX_SOCKET_PATH:
+            raise BadInputError(f"state directory path too long for a unix socket: {path} "
+                                f"({len(str(path))} > {_MAX_SOCKET_PATH} bytes)")
+
+    def validate_new_guest(self, name: str, memory: int, *, in_cloud_vm: bool = False) -> None:
+        """Refuse a new guest's name and size before anything is recorded or started."""
         self.validate_name(name)
-        if memory % PAGE_SIZE:
-            raise BadInputError(f"memory size {memory} is not a multiple of the page size "
-                                f"({PAGE_SIZE} bytes)")
-        if memory < MIN_MEMORY:
-            raise BadInputError(f"memory size {memory} is below the minimum of "
-                                f"{MIN_MEMORY >> 20} MiB")
-        avail = mem_available()
-        if memory > avail:
-            raise BadInputError(f"memory size {memory >> 20} MiB exceeds the host's available "
-                                f"memory ({avail >> 20} MiB)")
+        check_guest_memory(memory, in_cloud_vm=in_cloud_vm)
+        if not in_cloud_vm:
+            self._check_socket_path(self.store.state_dir / "guests" / name
+                                    / f"qmp-{'9' * _INSTANCE_DIGITS}.sock")
         with contextlib.suppress(UnknownGuestError):
             self.store.get_guest(name)
-            raise BadInputError(f"a guest named {name!r} already exists")
+            raise DuplicateGuestError(f"a guest named {name!r} already exists")
+
+    def check_new_guest(self, name: str, memory: int | str, *, image: str = "test",
+                        touch: int | str = 70, qemu: str | None = None,
+                        backend: RamBackend = RamBackend.REGION,
+                        cloud_vm: str | None = None) -> tuple[int, int, GuestImage]:
+        """Every check :meth:`start_guest` makes before it writes or starts anything:
+        returns (memory bytes, touch percent, image) or raises :class:`BadInputError`."""
+        size = parse_size(memory)
+        pct = parse_percent(touch)
+        try:
+            img = GuestImage(image)
+        except ValueError:
+            raise BadInputError(f"unknown image {shown(image)}: use test or linux") from None
+        if not isinstance(backend, RamBackend):
+            raise BadInputError(f"unknown RAM backend {shown(backend)}")
+        self.validate_new_guest(name, size, in_cloud_vm=cloud_vm is not None)
+        if cloud_vm is None:
+            qemu_path = self.settings.resolve_qemu(qemu)
+            # Missing images, like the rest, are refused before anything is recorded.
+            MachineSpec(name, size, img, pct, "tcg", qemu_path, self.settings.images_dir,
+                        backend).boot_args()
+            if self.settings.accel is Accel.KVM and not os.access("/dev/kvm",
+                                                                  os.R_OK | os.W_OK):
+                raise BadInputError("--accel kvm requested but /dev/kvm is not usable")
+            return size, pct, img
+        if qemu is not None or backend is not RamBackend.REGION:
+            raise BadInputError("a guest in a cloud VM runs the cloud VM's QEMU on a beam "
+                                "region: qemu and backend apply to guests on this host")
+        vm = self._cloud_vm(cloud_vm)
+        if vm.state is not CloudVMState.RUNNING or not self.cloud.l1(vm).alive():
+            raise BadInputError(f"cloud VM {cloud_vm!r} is not running ({vm.state.value})")
+        if len(vm.attachments) >= ROOT_PORTS:
+            raise BadInputError(f"cloud VM {cloud_vm!r} has no free hot-plug slot (it holds "
+                                f"{ROOT_PORTS} regions)")
+        return size, pct, img
+
+    def _cloud_vm(self, name: str) -> CloudVMRecord:
+        if not isinstance(name, str):
+            raise BadInputError(f"no cloud VM named {shown(name)}")
+        return self.store.get_cloud_vm(name)
+
+    def validate_new_cloud_vm(self, name: str, tenant: str, memory: int | str, cpus: int,
+                              lab: LabNetwork | None = None) -> int:
+        """Refuse a new cloud VM before anything is recorded, created or started; returns
+        its memory in bytes."""
+        check_name(name, "cloud VM name", CLOUD_VM_NAME_MAX)
+        if not tenant:
+            raise BadInputError("a cloud VM needs a tenant")
+        check_name(tenant, "tenant")
+        size = parse_size(memory)
+        if size % PAGE_SIZE:
+            raise BadInputError(f"cloud VM memory {size} is not a multiple of the page size "
+                                f"({PAGE_SIZE} bytes)")
+        if size < MIN_CLOUD_VM_MEMORY:
+            raise BadInputError(f"cloud VM memory {format_size(size)} is below the minimum of "
+                                f"{MIN_CLOUD_VM_MEMORY >> 20} MiB")
+        avail = mem_available()
+        if size > avail:
+            raise BadInputError(f"cloud VM memory {size >> 20} MiB exceeds the host's "
+                                f"available memory ({avail >> 20} MiB)")
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
+            raise BadInputError(f"invalid CPU count {shown(cpus)}: use 1-{MAX_CPUS}")
+        if lab is not None:
+            check_lab_network(lab.ns, lab.subnet)
+        d = self.store.state_dir / "cloudvms" / name
+        self._check_socket_path(d / "agent.sock")
+        try:
+            self.store.get_cloud_vm(name)
+        except BadInputError:
+            return size  # no such cloud VM yet: the name is free
+        raise BadInputError(f"a cloud VM named {name!r} already exists")
+
+    async def start_cloud_vm(self, name: str, tenant: str, memory: int | str = "2G",
+                             cpus: int = 2, lab: LabNetwork | None = None) -> CloudVMRecord:
+        """Boot a cloud VM of ``tenant`` (on ``lab``) and wait for its agent."""
+        self.validate_new_cloud_vm(name, tenant, memory, cpus, lab)
+        return await self.cloud.start_cloud_vm(name, tenant, memory, cpus, lab=lab)
 
     async def start_guest(self, name: str, memory: int | str, *, image: str = "test",
                           touch: int | str = 70, qemu: str | None = None,
@@ -162,17 +285,13 @@ class Host:
         With ``cloud_vm`` the guest runs inside that cloud VM (its region hot-plugged there;
         ``net`` gives it a NIC on the lab network, by default for Linux guests).
         """
+        # All of it checked before anything is recorded, created or started.
+        size, pct, img = self.check_new_guest(name, memory, image=image, touch=touch,
+                                              qemu=qemu, backend=backend, cloud_vm=cloud_vm)
         if cloud_vm is not None:
-            await self.cloud.start_guest(name, cloud_vm, memory, image=image, touch=touch,
+            await self.cloud.start_guest(name, cloud_vm, size, image=image, touch=pct,
                                          net=net)
             return Guest(self, name)
-        size = parse_size(memory)
-        pct = parse_percent(touch)
-        try:
-            img = GuestImage(image)
-        except ValueError:
-            raise BadInputError(f"unknown image {image!r}: use test or linux") from None
-        self.validate_new_guest(name, size)
         qemu_path = self.settings.resolve_qemu(qemu)
         accel = await resolve_accel(self.settings.accel, qemu_path, self.settings.images_dir,
                                     self.settings.state_dir)
@@ -290,7 +409,34 @@ class Host:
     async def migrate(self, name: str, options: MigrationOptions | None = None
                       ) -> MigrationResult:
         """Move a running guest to a new QEMU process on this host."""
-        return await migrate_local(self, name, options or MigrationOptions())
+        opts = options or MigrationOptions()
+        self.check_migration(name, opts)
+        return await migrate_local(self, name, opts)
+
+    def check_migration(self, name: str, opts: MigrationOptions) -> None:
+        """Refuse a local migration's bad arguments before its lock, journal or QEMU."""
+        if not isinstance(opts.mode, MigrationMode):
+            raise BadInputError(f"unknown migration mode {shown(opts.mode)}")
+        timeout = opts.timeout
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, int | float)
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise BadInputError(f"invalid timeout {shown(timeout)}: use a positive number of "
+                                f"seconds")
+        rec = self.store.get_guest(name)  # an unknown guest gets no lock file either
+        if rec.cloud_vm:
+            raise BadInputError(f"guest {name!r} runs in cloud VM {rec.cloud_vm!r}, not on "
+                                f"this host: move it with --to (Guest.move_to)")
+        # migrate_local checks these again under the guest's lock; here they come first.
+        if rec.state is not GuestState.RUNNING:
+            raise BadInputError(f"guest {name!r} is {rec.state.value}; only a running guest "
+                                f"can be migrated")
+        backend = RamBackend(rec.backend)
+        if (opts.mode is MigrationMode.CPR_TRANSFER) != (backend is RamBackend.MEMFD):
+            raise BadInputError(f"mode {opts.mode.value} does not fit guest {name!r} (RAM "
+                                f"backend {backend.value}); cpr-transfer needs a memfd guest")
+        if opts.qemu is not None:
+            self.settings.resolve_qemu(opts.qemu)
 
     async def recover(self) -> None:
         """Resolve migrations left unfinished by a command that died."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BadInputError,
+    GuestLostError,
     LaunchError,
     MigrationError,
     QMPCommandError,
@@ -74,6 +75,8 @@ class MigrationOptions:
     compare_frames: bool = True
     dest_region: BeamRegion | None = None
     before_switch: Callable[[QemuProcess], Awaitable[None]] | None = None
+    # After the source completed, before the destination is confirmed running.
+    after_switch: Callable[[QemuProcess], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -192,6 +195,9 @@ class _LocalRun:
         self._dst_fd: int | None = None  # the destination's region fd, once verified
         self._cpr_channels: list[dict[str, Any]] = []
         self._cpr_main: Path | None = None
+        # Set the moment this run asks the source to migrate: before it, no handover can
+        # have happened, whatever the source's query-migrate says (DESIGN §7.15).
+        self.switch_started = False
 
     def _phase_done(self, phase: MigrationPhase) -> None:
         now = time.monotonic()
@@ -272,12 +278,15 @@ class _LocalRun:
             t0 = time.monotonic()
             if mode is not MigrationMode.CPR_TRANSFER:
                 try:
+                    self.switch_started = True
                     await self.src.execute("migrate", {"uri": f"unix:{main_sock}"})
                 except QMPCommandError as exc:
                     raise Rollback(f"source refused to migrate: {exc}") from exc
             info = await self._wait_source()
             self._phase_done(MigrationPhase.SWITCH)
             crash_point(MigrationPhase.SWITCH)
+            if self.opts.after_switch is not None:
+                await self.opts.after_switch(self.dst)
 
             # ---- CONFIRM: the destination must run before the source may go -------------
             self.store.journal(self.mig_id, MigrationPhase.CONFIRM)
@@ -330,19 +339,28 @@ class _LocalRun:
             self.store.journal(self.mig_id, MigrationPhase.DONE, result=result.to_json())
             return result
         except Rollback as exc:
-            await self._rollback(str(exc))
+            try:
+                await self._rollback(str(exc))
+            except GuestLostError:
+                raise
+            except MigrationError as unsafe:
+                self._needs_action(f"{exc}; rollback: {unsafe}")
+                raise
             raise MigrationError(f"migration of {name!r} failed, source guest running: {exc}",
                                  source_resumed=True) from exc.__cause__
         except MigrationError as exc:
-            self.rec.state = GuestState.NEEDS_ACTION
-            self.store.update_guest(self.rec)
-            self.store.journal(self.mig_id, MigrationPhase.FAILED, error=str(exc))
+            self._needs_action(str(exc))
             raise
         finally:
             await self.sampler.stop()
             for region in {id(r): r for r in (src_region, dst_region) if r is not None}.values():
                 if region is not self.opts.dest_region:
                     region.close()
+
+    def _needs_action(self, why: str) -> None:
+        self.rec.state = GuestState.NEEDS_ACTION
+        self.store.update_guest(self.rec)
+        self.store.journal(self.mig_id, MigrationPhase.FAILED, error=why)
 
     def _compare(self, pid_a: int, pid_b: int) -> FrameComparison | None:
         try:
@@ -399,6 +417,7 @@ class _LocalRun:
     async def _cpr_switch(self) -> None:
         assert self.dst is not None
         try:
+            self.switch_started = True
             await self.src.execute("migrate", {"channels": self._cpr_channels})
             await self.dst.connect()
             await self.dst.execute("migrate-incoming", {"uri": f"unix:{self._cpr_main}"})
@@ -436,11 +455,24 @@ class _LocalRun:
         if self.dst is not None:
             self.dst.kill()
             self.host.forget(self.dst)
-        await _local_resume(self.src, self.rec.name)
+        if not self.src.alive():
+            # The destination never ran (or was just killed before it could): no copy is left.
+            self.rec.state = GuestState.LOST
+            self.store.update_guest(self.rec)
+            self.store.journal(self.mig_id, MigrationPhase.FAILED,
+                               error=f"{why}; source QEMU gone: guest lost")
+            raise GuestLostError(f"migration of {self.rec.name!r} failed and its source QEMU "
+                                 f"(pid {self.src.pid}) is gone: the guest is lost ({why}; "
+                                 f"{self.src.log_tail(2)})")
+        await resume_source(self.src.execute, self.rec.name,
+                            switch_started=self.switch_started)
         self.rec.state = GuestState.RUNNING
         self.store.update_guest(self.rec)
         self.store.journal(self.mig_id, MigrationPhase.FAILED, error=why)
 
+
+# Journaled phases in which the source may have been asked to migrate.
+SWITCH_STARTED = (MigrationPhase.SWITCH, MigrationPhase.CONFIRM, MigrationPhase.RELOCATE)
 
 QMPExecute = Callable[[str, "dict[str, Any] | None"], Awaitable[Any]]
 
@@ -497,29 +529,43 @@ async def _dies_within(proc: QemuProcess, seconds: float) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
 _IN_FLIGHT = ("active", "setup", "device", "pre-switchover", "cancelling")
 
 
-async def resume_source(execute: QMPExecute, name: str, *, dest_never_ran: bool = False
-                        ) -> None:
+def handed_over(info: dict[str, Any]) -> bool:
+    """Whether a source's ``query-migrate`` shows an *outgoing* migration that completed.
+
+    A QEMU that itself arrived by migration reports that incoming migration as
+    ``completed`` too, but without the source-side times (``total-time``), which QEMU fills
+    in for every outgoing migration it ran (DESIGN §7.15).
+    """
+    return info.get("status") == "completed" and "total-time" in info
+
+
+async def resume_source(execute: QMPExecute, name: str, *, switch_started: bool,
+                        dest_never_ran: bool = False) -> None:
     """Ensure a source whose migration did not complete runs again.
 
     ``execute`` runs a QMP command on the source QEMU, directly (this host) or through a
-    cloud VM's agent, so both topologies share one rule: a ``completed`` source is never
+    cloud VM's agent, so both topologies share one rule: a source that handed over is never
     resumed — unless its destination is known never to have executed (``dest_never_ran``:
-    it was seen waiting for its incoming stream and has been killed).
+    it was seen waiting for its incoming stream and has been killed). Only a run that asked
+    the source to migrate (``switch_started``) can have handed over; before that, whatever
+    ``query-migrate`` says is about an earlier migration.
     """
-    info = await execute("query-migrate", None)
-    if info.get("status") in _IN_FLIGHT:
-        await execute("migrate_cancel", None)
-        for _ in range(500):
-            info = await execute("query-migrate", None)
-            if info.get("status") not in _IN_FLIGHT:
-                break
-            await asyncio.sleep(0.01)
-    if info.get("status") == "completed" and not dest_never_ran:
-        raise MigrationError(f"source of {name!r} already handed over; not resuming it",
-                             source_resumed=False)
+    if switch_started:
+        info = await execute("query-migrate", None)
+        if info.get("status") in _IN_FLIGHT:
+            await execute("migrate_cancel", None)
+            for _ in range(500):
+                info = await execute("query-migrate", None)
+                if info.get("status") not in _IN_FLIGHT:
+                    break
+                await asyncio.sleep(0.01)
+        if handed_over(info) and not dest_never_ran:
+            raise MigrationError(f"source of {name!r} already handed over; not resuming it",
+                                 source_resumed=False)
     state = "?"
     for _ in range(500):
         state = (await execute("query-status", None))["status"]
@@ -531,12 +577,6 @@ async def resume_source(execute: QMPExecute, name: str, *, dest_never_ran: bool 
         await asyncio.sleep(0.01)
     raise MigrationError(f"source of {name!r} did not resume (state {state})",
                          source_resumed=False)
-
-
-def _local_resume(src: QemuProcess, name: str) -> Awaitable[None]:
-    if not src.alive():
-        raise MigrationError(f"source QEMU of {name!r} is gone", source_resumed=False)
-    return resume_source(src.execute, name)
 
 
 async def recover(host: Host, rec: GuestRecord, mig: MigrationRecord) -> None:
@@ -582,7 +622,8 @@ async def recover(host: Host, rec: GuestRecord, mig: MigrationRecord) -> None:
             return
         # A source that handed over to a destination now gone is refused (needs action);
         # one whose destination never executed may run again.
-        await resume_source(src.execute, rec.name, dest_never_ran=never_ran)
+        await resume_source(src.execute, rec.name, dest_never_ran=never_ran,
+                            switch_started=mig.phase in SWITCH_STARTED)
         rec.state = GuestState.RUNNING
         store.update_guest(rec)
         store.journal(mig.id, MigrationPhase.FAILED,

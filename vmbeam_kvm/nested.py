@@ -26,6 +26,7 @@ from .agent.protocol import AgentClient, AgentError
 from .cloudvm import (
     CloudVMRecord,
     CloudVMState,
+    TcgTuning,
     attach_region,
     build_source_disk,
     cloudvm_argv,
@@ -34,9 +35,10 @@ from .cloudvm import (
     mac_for,
 )
 from .config import Settings
-from .errors import BadInputError, MigrationError, VmbeamError
+from .errors import BadInputError, GuestLostError, MigrationError, VmbeamError
 from .heartbeat import Heartbeat
 from .migration import (
+    SWITCH_STARTED,
     MigrationMode,
     MigrationResult,
     Rollback,
@@ -188,7 +190,8 @@ class CloudOps:
                 disk = await asyncio.to_thread(build_source_disk, settings.state_dir,
                                                settings.images_dir)
             argv = cloudvm_argv(rec, qemu=qemu, accel=accel, images_dir=settings.images_dir,
-                                src_disk=disk, mac=mac_for(name))
+                                src_disk=disk, mac=mac_for(name),
+                                tcg=TcgTuning.parse(settings.cloudvm_tcg))
             proc = await launch_cloudvm(rec, argv, lab, self.agent(rec))
             self.host.adopt(proc)
             rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
@@ -425,7 +428,8 @@ class CloudOps:
             return "both copies gone"
         # A source that handed over to a destination now gone is refused here (needs action).
         await resume_source(functools.partial(self.agent(self.vm(mig.src_cloud_vm)).qmp, name),
-                            name, dest_never_ran=never_ran)
+                            name, dest_never_ran=never_ran,
+                            switch_started=mig.phase in SWITCH_STARTED)
         rec.pid, rec.state = int(src["pid"]), GuestState.RUNNING
         store.update_guest(rec)
         store.journal(mig.id, MigrationPhase.FAILED,
@@ -458,6 +462,7 @@ class _NestedRun:
         self.phases: dict[str, float] = {}
         self._mark = time.monotonic()
         self.dst_started = False
+        self.switch_started = False  # this run asked the source to migrate
         self.dst_region_id = ""
         self.tls = ops.host.settings.migration_tls.applies(mode is MigrationMode.ZERO_COPY)
         self.before_switch: FaultHook | None = None
@@ -540,6 +545,7 @@ class _NestedRun:
             t0 = time.monotonic()
             dst_ip = self.dst_vm.ip.split("/")[0]
             try:
+                self.switch_started = True
                 await self.src_agent.qmp(name, "migrate",
                                          {"uri": f"tcp:{dst_ip}:{MIGRATION_PORT}"})
             except VmbeamError as exc:
@@ -585,7 +591,20 @@ class _NestedRun:
             self.store.journal(mig_id, MigrationPhase.DONE, result=result.to_json())
             return result
         except Rollback as exc:
-            await self._rollback()
+            try:
+                await self._rollback(mig_id, str(exc))
+            except GuestLostError:
+                raise
+            except VmbeamError as unsafe:
+                self.rec.state = GuestState.NEEDS_ACTION
+                self.store.update_guest(self.rec)
+                self.store.journal(mig_id, MigrationPhase.FAILED,
+                                   error=f"{exc}; rollback: {unsafe}")
+                if isinstance(unsafe, MigrationError):
+                    raise
+                raise MigrationError(f"migration of {name!r} failed ({exc}) and its source "
+                                     f"could not be resumed: {unsafe}",
+                                     source_resumed=False) from unsafe
             self.rec.state = GuestState.RUNNING
             self.store.update_guest(self.rec)
             self.store.journal(mig_id, MigrationPhase.FAILED, error=str(exc))
@@ -663,22 +682,39 @@ class _NestedRun:
         objs = await self.src_l1.execute("qom-list", {"path": "/objects"})
         return not any(o["name"] == f"region-{short}" for o in objs)
 
-    async def _rollback(self) -> None:
+    async def _rollback(self, mig_id: int, why: str) -> None:
         """Destination L2 and its region attachment go; the source runs (never both)."""
-        if self.dst_started:
+        name = self.rec.name
+        dst_alive = self.dst_l1.alive()
+        if self.dst_started and dst_alive:
             with contextlib.suppress(VmbeamError):
                 # The agent may be restarting: wait for it rather than leave the
                 # incoming QEMU behind.
                 await self.dst_agent.wait_ready(30)
-                await self.dst_agent.call("stop_guest", name=self.rec.name, kill=True)
+                await self.dst_agent.call("stop_guest", name=name, kill=True)
         if self.dst_region_id:
-            with contextlib.suppress(VmbeamError):
-                await detach_region(self.dst_l1, self.dst_vm, self.dst_region_id)
+            if dst_alive:
+                with contextlib.suppress(VmbeamError):
+                    await detach_region(self.dst_l1, self.dst_vm, self.dst_region_id)
+            else:  # a dead cloud VM's QEMU holds nothing any more
+                self.dst_vm.attachments.pop(self.dst_region_id, None)
             self.store.update_cloud_vm(self.dst_vm)
             if self.dst_region_id != self.rec.region_id:
                 self.store.remove_region(self.dst_region_id)
-        await resume_source(functools.partial(self.src_agent.qmp, self.rec.name),
-                            self.rec.name)
+        src = await self.ops._l2_status(self.src_vm.name, name, wait=10)
+        if not src["alive"]:
+            # The destination never ran and is gone: no copy is left anywhere.
+            self.rec.state = GuestState.LOST
+            self.store.update_guest(self.rec)
+            self.store.journal(mig_id, MigrationPhase.FAILED,
+                               error=f"{why}; source gone: guest lost")
+            where = ("its cloud VM died" if not self.src_l1.alive()
+                     else "its L2 QEMU is gone")
+            raise GuestLostError(f"migration of {name!r} failed and its source in "
+                                 f"{self.src_vm.name} is gone ({where}): the guest is lost "
+                                 f"({why})")
+        await resume_source(functools.partial(self.src_agent.qmp, name), name,
+                            switch_started=self.switch_started)
 
 
 __all__ = ["DEFAULT_LAB", "CloudOps", "NestedResult", "lab_down", "lab_network", "lab_up"]

@@ -29,6 +29,7 @@ from .errors import (
     UnknownGuestError,
     VmbeamError,
 )
+from .units import shown
 
 
 class GuestState(StrEnum):
@@ -132,25 +133,137 @@ CREATE TABLE IF NOT EXISTS migrations (
 # Columns added after the first release, for stores made before them.
 _ADDED_COLUMNS = {"guests": ("cloud_vm", "tenant", "ip"),
                   "migrations": ("src_cloud_vm", "dst_cloud_vm", "src_region", "dst_region")}
+_NAME_MAX_BYTES = 255  # one path component (Linux NAME_MAX)
+
+
+def _schema_columns() -> dict[str, set[str]]:
+    """Table -> columns of the current schema, read from SQLite itself."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        mem.executescript(_SCHEMA)
+        return _columns(mem, None)
+    finally:
+        mem.close()
+
+
+def _columns(db: sqlite3.Connection, only: set[str] | None) -> dict[str, set[str]]:
+    """Every table of ``db`` (SQLite's own excluded) and, for those in ``only`` (all when
+    None), its columns; only reads."""
+    names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' "
+                                      "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'")]
+    return {n: ({r[1] for r in db.execute(f"PRAGMA table_info(\"{n}\")")}
+                if only is None or n in only else set()) for n in names}
+
+
+_EXPECTED = _schema_columns()
+
+
+def _check_schema(have: dict[str, set[str]], db_path: Path) -> list[tuple[str, str]]:
+    """The columns to add to make ``have`` the current schema; BadInputError if it is not a
+    vmbeam-kvm store, or one from a version this one cannot migrate."""
+    aside = "move it aside or use another --state-dir"
+    if have and not set(have) & set(_EXPECTED):
+        raise BadInputError(f"{db_path} is not a vmbeam-kvm state database (tables: "
+                            f"{shown(', '.join(sorted(have)))}): {aside}")
+    to_add = []
+    for table, cols in _EXPECTED.items():
+        if table not in have:
+            continue  # created below, empty
+        missing = sorted(cols - have[table])
+        unknown = [c for c in missing if c not in _ADDED_COLUMNS.get(table, ())]
+        if unknown:
+            raise BadInputError(f"state database {db_path} has an unsupported schema (table "
+                                f"{table} lacks {', '.join(unknown)}): {aside}")
+        to_add += [(table, c) for c in missing]
+    return to_add
+
+
+def _prepare_state_dir(state_dir: Path) -> None:
+    """Create a missing state directory; refuse one that cannot be (a parent is a file,
+    a name is too long) before creating any part of it."""
+    if any(len(os.fsencode(part)) > _NAME_MAX_BYTES for part in state_dir.parts):
+        raise BadInputError(f"state directory {shown(str(state_dir))}: a path component is "
+                            f"longer than {_NAME_MAX_BYTES} bytes")
+    try:
+        for parent in (state_dir, *state_dir.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise BadInputError(f"state directory {state_dir}: {parent} is not a "
+                                        f"directory")
+                break
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot create state directory {state_dir}: "
+                            f"{exc.strerror or exc}") from None
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise BadInputError(f"state directory {state_dir} is not writable")
+
+
+def _lookup_key(name: object) -> str | None:
+    """``name`` if it could be a key in the store; None for what no insert could have
+    stored (not text, or text SQLite cannot encode, such as undecodable argv bytes)."""
+    if not isinstance(name, str):
+        return None
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return None
+    return name
 
 
 class Store:
-    """SQLite-backed state of one vmbeam-kvm host (one state directory)."""
+    """SQLite-backed state of one vmbeam-kvm host (one state directory).
+
+    Opening it creates a missing state directory and store, and migrates a store made by an
+    earlier version; a state directory it cannot use, or a database it cannot read or
+    migrate, is refused with :class:`BadInputError` before anything in it is changed.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / "locks").mkdir(exist_ok=True)
-        self._db = sqlite3.connect(state_dir / "state.db", timeout=30,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        _prepare_state_dir(state_dir)
+        db_path = state_dir / "state.db"
+        if db_path.is_dir():
+            raise BadInputError(f"state database {db_path} is a directory: move it aside or "
+                                f"use another --state-dir")
+        try:
+            self._db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise BadInputError(f"cannot open state database {db_path}: {exc}") from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._open_schema(db_path)
+            (state_dir / "locks").mkdir(exist_ok=True)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise BadInputError(f"state database {db_path} is unusable ({exc}): move it aside "
+                                f"or use another --state-dir") from None
+        except OSError as exc:
+            self._db.close()
+            raise BadInputError(f"state directory {state_dir}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open_schema(self, db_path: Path) -> None:
+        # Checked read-only first: a store we refuse is left exactly as it was.
+        to_add = _check_schema(_columns(self._db, set(_EXPECTED)), db_path)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        for table, added in _ADDED_COLUMNS.items():
-            cols = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            for col in added:
-                if col not in cols:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT DEFAULT ''")
+        if not to_add and set(_EXPECTED) <= set(_columns(self._db, set())):
+            return  # current schema: no write lock needed
+        self._db.execute("BEGIN IMMEDIATE")  # another command may be migrating it too
+        try:
+            to_add = _check_schema(_columns(self._db, set(_EXPECTED)), db_path)
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+            for table, col in to_add:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT DEFAULT ''")
+            self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one
+                self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -181,9 +294,11 @@ class Store:
         self._update("guests", _row(rec))
 
     def get_guest(self, name: str) -> GuestRecord:
-        row = self._db.execute("SELECT * FROM guests WHERE name=?", (name,)).fetchone()
+        key = _lookup_key(name)
+        row = None if key is None else self._db.execute(
+            "SELECT * FROM guests WHERE name=?", (key,)).fetchone()
         if row is None:
-            raise UnknownGuestError(f"no guest named {name!r}")
+            raise UnknownGuestError(f"no guest named {shown(name)}")
         return _from_row(GuestRecord, row)
 
     def guests(self) -> list[GuestRecord]:
@@ -203,9 +318,11 @@ class Store:
         self._update("cloud_vms", _cvm_row(rec))
 
     def get_cloud_vm(self, name: str) -> CloudVMRecord:
-        row = self._db.execute("SELECT * FROM cloud_vms WHERE name=?", (name,)).fetchone()
+        key = _lookup_key(name)
+        row = None if key is None else self._db.execute(
+            "SELECT * FROM cloud_vms WHERE name=?", (key,)).fetchone()
         if row is None:
-            raise BadInputError(f"no cloud VM named {name!r}")
+            raise BadInputError(f"no cloud VM named {shown(name)}")
         return _cvm_from_row(row)
 
     def cloud_vms(self) -> list[CloudVMRecord]:
@@ -279,6 +396,12 @@ class Store:
     @contextlib.contextmanager
     def lock_guest(self, name: str, what: str = "changed") -> Iterator[None]:
         """Hold the guest's lock; another command holding it means the guest is busy."""
+        key = _lookup_key(name)
+        if (key is None or key in ("", ".", "..") or "/" in key or "\0" in key
+                or len(os.fsencode(f"{key}.lock")) > _NAME_MAX_BYTES):
+            # Not a file name, so never a guest's (names are checked when guests are made):
+            # refused before it could name a path outside locks/.
+            raise UnknownGuestError(f"no guest named {shown(name)}")
         fd = os.open(self.state_dir / "locks" / f"{name}.lock",
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

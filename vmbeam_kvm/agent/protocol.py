@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,9 +37,10 @@ def encode(msg: dict[str, Any]) -> bytes:
 class AgentClient:
     """L0 side of one cloud VM's agent channel (a unix socket served by the L1 QEMU)."""
 
-    def __init__(self, path: Path, name: str = "") -> None:
+    def __init__(self, path: Path, name: str = "", console: Path | None = None) -> None:
         self.path = path
         self.name = name or path.parent.name
+        self.console = console  # the cloud VM's console log, quoted when it stops answering
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(int(time.time() * 1000) % 10**9)
@@ -85,33 +87,53 @@ class AgentClient:
                     while True:
                         line = await self._reader.readline()
                         if not line:
-                            raise AgentError(f"agent of {self.name} closed the channel")
+                            raise AgentError(f"agent of {self.name} closed the channel"
+                                             f"{self.console_tail()}")
                         with contextlib.suppress(ValueError):
                             reply = json.loads(line)
                             if isinstance(reply, dict) and reply.get("id") == req_id:
                                 break
             except TimeoutError:
                 await self.close()  # the late reply must not be taken for the next one
-                raise AgentError(f"agent of {self.name} did not answer {op} within "
-                                 f"{timeout:.0f} s") from None
+                raise AgentError(f"agent of cloud VM {self.name} did not answer {op} within "
+                                 f"{timeout:.0f} s{self.console_tail()}") from None
         if not reply.get("ok"):
             raise AgentError(f"{self.name}: {op}: {reply.get('error')}", reply.get("type", ""))
         return reply.get("result")
+
+    def console_tail(self, lines: int = 8) -> str:
+        """The end of the cloud VM's console, for errors that say why it stopped answering."""
+        if self.console is None:
+            return ""
+        try:
+            with open(self.console, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        tail = [t.rstrip() for t in text.splitlines() if t.strip()][-lines:]
+        return f"; console of {self.name} ({self.console}) ends:\n  " + "\n  ".join(tail)
 
     async def qmp(self, guest: str, cmd: str, args: dict[str, Any] | None = None,
                   timeout: float = 60.0) -> Any:
         """Run a QMP command on the QEMU of ``guest`` in this cloud VM."""
         return await self.call("qmp", timeout=timeout, name=guest, cmd=cmd, args=args)
 
-    async def wait_ready(self, timeout: float) -> dict[str, Any]:
-        """Wait until the agent answers ``ping`` (the cloud VM has booted)."""
+    async def wait_ready(self, timeout: float,
+                         alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Wait until the agent answers ``ping`` (the cloud VM has booted); ``alive`` tells
+        whether the cloud VM's QEMU still runs (no point waiting for a dead one)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 result: dict[str, Any] = await self.call("ping", timeout=3)
                 return result
-            except AgentError:
+            except AgentError as exc:
+                if alive is not None and not alive():
+                    raise AgentError(f"cloud VM {self.name}'s QEMU exited"
+                                     f"{self.console_tail()}") from exc
                 if time.monotonic() > deadline:
-                    raise
+                    raise AgentError(f"agent of cloud VM {self.name} did not answer within "
+                                     f"{timeout:.0f} s{self.console_tail()}") from exc
                 await self.close()
                 await asyncio.sleep(0.5)

@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -340,6 +341,16 @@ class Agent:
             await guest.proc.quit()
         await self._unplug_tap(name)
         return {"stopped": True}
+
+    async def op_signal(self, name: str, signum: int) -> dict[str, Any]:
+        """Send a signal to a guest's L2 QEMU without forgetting it (an operator's last resort;
+        the fault tests' SIGKILL). What follows is seen through ``status``."""
+        guest = self._guest(name)
+        if signum not in (signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
+            raise BadInputError(f"signal {signum} is not one of TERM, KILL, STOP, CONT")
+        if guest.proc.alive():
+            os.kill(guest.proc.pid, signum)
+        return {"pid": guest.proc.pid}
 
     async def op_restart(self) -> dict[str, Any]:
         """Exit so that init starts the agent afresh (e.g. after an update); guests keep

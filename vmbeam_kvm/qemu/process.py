@@ -170,9 +170,18 @@ class QemuProcess:
             if self.qmp_path.exists():
                 client = QMPClient(f"qemu-{self.pid}")
                 try:
-                    await client.connect(str(self.qmp_path))
+                    # QEMU's QMP socket serves one client at a time: a second one is
+                    # accepted but never greeted while the first stays connected.
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
+                        await client.connect(str(self.qmp_path))
                 except ConnectError:
                     pass
+                except TimeoutError:
+                    with contextlib.suppress(QMPError, OSError, EOFError):
+                        await client.disconnect()
+                    raise LaunchError(f"QEMU {self.pid} did not answer on {self.qmp_path} "
+                                      f"within {timeout:.0f} s (QMP serves one client at a "
+                                      f"time: is another command connected?)") from None
                 else:
                     self._qmp = client
                     self.state = QemuState.RUNNING

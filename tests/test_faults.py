@@ -1,0 +1,380 @@
+"""The fault matrix: every failure of a move, at every journaled phase, on guests of every
+history, in both topologies — generated from one table.
+
+A cell reads ``<topology>-<what fails>@<when>-<mode>-<history>``. Each cell checks the promise:
+the exit code (3 the source runs again, 4 only where running the source could make a second
+copy, 1 when every copy died and the guest is ``lost``, 0 when the move still completed), exactly
+one running copy with a good memory verdict and an advancing heartbeat, the store agreeing
+with what QEMU (or the agents) report, the region attached only where the guest runs (asked of
+L0's QEMUs, not the store), nothing left behind — and that the guest can move again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from vmbeam_kvm import Guest, Host, MigrationMode, MigrationOptions, VmbeamError
+from vmbeam_kvm.agent.protocol import AgentClient
+from vmbeam_kvm.migration import ram_fd_of
+from vmbeam_kvm.nested import lab_network
+from vmbeam_kvm.qemu.process import QemuProcess
+from vmbeam_kvm.region import read_identity_of
+from vmbeam_kvm.store import GuestState
+
+from .conftest import cli, qemu_pids, run_cli, settings_of
+
+ZC, PC = MigrationMode.ZERO_COPY, MigrationMode.PRECOPY
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One failure: ``what`` fails ``when`` during a ``mode`` move of a guest of ``history``;
+    ``outcome`` is where the guest must run afterwards (source / dest / lost / held: the
+    source kept paused for an operator) and ``rc`` the command's exit code."""
+
+    topology: str
+    what: str
+    when: str
+    mode: MigrationMode
+    history: str
+    outcome: str
+    rc: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.topology}-{self.what}@{self.when}-{self.mode.value}-{self.history}"
+
+
+# (what fails, when, modes, outcome, exit code); the crash rows' exit code is the dead
+# command's (99), the outcome the one the next command settles on.
+FLAT_FAULTS: list[tuple[str, str, tuple[MigrationMode, ...], str, int]] = [
+    ("dst-start-fails", "prepare", (ZC, PC), "source", 3),
+    ("dst-killed", "prepare", (ZC, PC), "source", 3),
+    ("dst-killed", "mid-stream", (PC,), "source", 3),
+    ("dst-killed", "confirm", (ZC, PC), "held", 4),  # it may have run: never resume the source
+    ("src-killed", "prepare", (ZC, PC), "lost", 1),
+    ("src-killed", "mid-stream", (PC,), "lost", 1),
+    ("src-killed", "confirm", (ZC, PC), "dest", 0),  # handed over already: the move completes
+    ("src-cancel", "mid-stream", (PC,), "source", 3),
+    ("command-dies", "prepare", (ZC, PC), "source", 99),
+    ("command-dies", "switch", (ZC, PC), "dest", 99),
+    ("command-dies", "relocate", (ZC, PC), "dest", 99),
+]
+FLAT_HISTORIES = ("fresh", "moved-zero-copy", "moved-precopy")
+
+FLAT_CELLS = [Cell("flat", what, when, mode, history, outcome, rc)
+              for what, when, modes, outcome, rc in FLAT_FAULTS
+              for mode in modes for history in FLAT_HISTORIES]
+
+
+# -- flat -----------------------------------------------------------------------------------
+@pytest.fixture
+async def flat_guest(host: Host, cell: Cell) -> AsyncIterator[Guest]:
+    """A 128 MiB test guest with the history the cell asks for."""
+    async with await host.start_guest("fg", "128M", touch=70) as g:
+        await g.wait_ready(timeout=60)
+        if cell.history != "fresh":
+            mode = ZC if cell.history == "moved-zero-copy" else PC
+            res = await g.migrate(MigrationOptions(mode=mode))
+            assert res.guest_ok
+        yield g
+
+
+async def _wait_streaming(g: Guest, src: QemuProcess, at_least: int = 8 * MiB) -> None:
+    """Until the source's precopy has sent ``at_least`` bytes (it is throttled for this)."""
+    for _ in range(3000):
+        info = await src.execute("query-migrate")
+        if info.get("status") == "active" and info.get("ram", {}).get("transferred", 0) > at_least:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("precopy never got going")
+
+
+def _memfd_inodes(pids: list[int]) -> set[int]:
+    """The memfds (beam regions) held open by these processes."""
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            path = f"/proc/{pid}/fd/{fd}"
+            try:
+                if os.readlink(path).startswith("/memfd:"):
+                    inodes.add(os.stat(path).st_ino)
+            except OSError:
+                continue
+    return inodes
+
+
+async def check_flat(g: Guest, outcome: str, src_pid: int) -> None:
+    """The promise, asked of the QEMUs themselves."""
+    host = g.host
+    state_dir = str(host.settings.state_dir)
+    rec = g.record
+    assert host.store.unfinished_migrations(g.name) == []
+    pids = qemu_pids(state_dir)
+    assert not _memfd_inodes([os.getpid()]), "the test process holds a region fd"
+    if outcome == "lost":
+        assert rec.state is GuestState.LOST and pids == []
+        return
+    if outcome == "held":
+        # The source is kept paused for an operator; the destination is gone.
+        assert rec.state is GuestState.NEEDS_ACTION and pids == [src_pid] == [rec.pid]
+        st = await host.process(rec).execute("query-status")
+        assert st["status"] == "postmigrate" and st["running"] is False
+        return
+    assert rec.state is GuestState.RUNNING and pids == [rec.pid], (pids, rec)
+    assert (rec.pid == src_pid) == (outcome == "source")
+    proc = host.process(rec)
+    assert await proc.execute("query-status") == {"status": "running", "running": True}
+    # The store's region is the very one this QEMU maps, and no other region is held.
+    assert read_identity_of(rec.pid, await ram_fd_of(proc)).region_id == rec.region_id
+    assert len(_memfd_inodes(pids)) == 1
+    hb = g.heartbeat()
+    assert hb is not None
+    later = await g.wait_heartbeat(hb.seq, timeout=30)
+    assert later is not None and later.ok and later.bad == 0
+
+
+async def _inject(g: Guest, cell: Cell) -> int:
+    """Run the cell's move through the API with its fault; returns the exit code."""
+    host = g.host
+    src = host.process(g.record)
+    opts = MigrationOptions(mode=cell.mode)
+    if cell.when == "mid-stream":
+        opts.max_bandwidth = 24 * MiB  # ~4 s of stream for ~90 MB: time to strike
+
+    async def kill(proc: QemuProcess) -> None:
+        os.kill(proc.pid, signal.SIGKILL)
+
+    strike: Callable[[QemuProcess], Awaitable[None]] | None = None
+    target = {"dst-killed": "dst", "src-killed": "src", "src-cancel": "src"}.get(cell.what)
+    if cell.what == "dst-start-fails":
+        opts.qemu = "/bin/false"
+    elif cell.when in ("prepare", "confirm"):
+        async def strike_at(dst: QemuProcess) -> None:
+            await kill(dst if target == "dst" else src)
+        strike = strike_at
+        if cell.when == "prepare":
+            opts.before_switch = strike
+        else:
+            opts.after_switch = strike
+    task = asyncio.create_task(g.migrate(opts))
+    if cell.when == "mid-stream":
+        await _wait_streaming(g, src)
+        if cell.what == "src-cancel":
+            await src.execute("migrate_cancel")
+        elif target == "src":
+            os.kill(src.pid, signal.SIGKILL)
+        else:
+            os.kill(host.store.unfinished_migrations(g.name)[0].dst_pid, signal.SIGKILL)
+    try:
+        await task
+    except VmbeamError as exc:
+        return exc.exit_code
+    return 0
+
+
+@pytest.mark.parametrize("cell", FLAT_CELLS, ids=[c.id for c in FLAT_CELLS])
+async def test_flat_fault(cell: Cell, flat_guest: Guest) -> None:
+    g = flat_guest
+    src_pid = g.record.pid
+    if cell.what == "command-dies":
+        await g.host.process(g.record).close()  # QMP serves one client: let the CLI in
+        proc = run_cli(g.host.settings.state_dir, "migrate", g.name, "--local", "--mode",
+                       cell.mode.value, "--json", env={"VMBEAM_TEST_CRASH_AFTER": cell.when})
+        assert proc.returncode == cell.rc, proc.stderr
+        # The next command settles the journal: here `guest status` in a new process.
+        st = run_cli(g.host.settings.state_dir, "guest", "status", g.name, "--json")
+        assert st.returncode == 0, st.stderr
+    else:
+        rc = await _inject(g, cell)
+        assert rc == cell.rc
+    await check_flat(g, cell.outcome, src_pid)
+    if cell.outcome in ("source", "dest"):
+        res = await g.migrate(MigrationOptions(mode=ZC))  # ...and it can move again
+        assert res.guest_ok is True and res.ram_transferred_bytes < MiB
+        await check_flat(g, "dest", src_pid=-1)
+
+
+# -- nested ---------------------------------------------------------------------------------
+NESTED_HISTORIES = ("fresh", "moved-zero-copy", "moved-precopy", "moved-away-and-back")
+ALL, FIRST_LAST = NESTED_HISTORIES, ("fresh", "moved-away-and-back")
+
+# (what fails, when, modes, outcome, exit code, histories). Killing a cloud VM costs a
+# reboot of it (~40 s), so those rows run on a fresh guest and on one that came back.
+NESTED_FAULTS: list[tuple[str, str, tuple[MigrationMode, ...], str, int,
+                          tuple[str, ...]]] = [
+    ("dst-qemu-killed", "prepare", (ZC, PC), "source", 3, ALL),
+    ("dst-qemu-killed", "mid-stream", (PC,), "source", 3, FIRST_LAST),
+    ("dst-qemu-killed", "confirm", (ZC,), "held", 4, FIRST_LAST),
+    ("src-qemu-killed", "prepare", (ZC,), "lost", 1, ALL),
+    ("src-cancel", "mid-stream", (PC,), "source", 3, FIRST_LAST),
+    ("dst-agent-restarted", "prepare", (ZC,), "source", 3, ALL),
+    ("command-dies", "share", (ZC, PC), "source", 99, FIRST_LAST),
+    ("command-dies", "prepare", (ZC,), "source", 99, ALL),
+    ("command-dies", "switch", (ZC,), "dest", 99, ALL),
+    ("command-dies", "relocate", (ZC, PC), "dest", 99, FIRST_LAST),
+    ("dst-cloud-vm-killed", "prepare", (ZC,), "source", 3, FIRST_LAST),
+    ("src-cloud-vm-killed", "prepare", (ZC,), "lost", 1, FIRST_LAST),
+]
+NESTED_CELLS = [Cell("nested", what, when, mode, history, outcome, rc)
+                for what, when, modes, outcome, rc, histories in NESTED_FAULTS
+                for mode in modes for history in histories]
+TENANT = "tenant-a"
+
+
+def _other(vm: str) -> str:
+    return "l1b" if vm == "l1a" else "l1a"
+
+
+@pytest.fixture
+async def lab_host(lab: dict[str, Any]) -> AsyncIterator[Host]:
+    async with Host(settings_of(lab)) as host:
+        yield host
+
+
+@pytest.fixture
+async def nested_guest(lab: dict[str, Any], lab_host: Host, cell: Cell) -> AsyncIterator[str]:
+    """A 128 MiB test guest in l1a with the cell's history; afterwards it is stopped and
+    any cloud VM the cell killed is booted again for the next cell."""
+    host, name = lab_host, "ng"
+    await host.cloud.start_guest(name, "l1a", "128M", touch=70)
+    rec = host.store.get_guest(name)
+    assert await host.cloud.wait_heartbeat(rec, timeout=120) is not None
+    moves = {"fresh": [], "moved-zero-copy": [("l1b", ZC)], "moved-precopy": [("l1b", PC)],
+             "moved-away-and-back": [("l1b", ZC), ("l1a", ZC)]}[cell.history]
+    for to, mode in moves:
+        assert (await host.cloud.migrate(name, to, mode)).guest_ok
+    try:
+        yield name
+    finally:
+        async with Host(settings_of(lab)) as fresh:  # reaps cloud VMs that died
+            await fresh.stop_guest(name, missing_ok=True)
+            for vm in fresh.store.cloud_vms():
+                if vm.state.value != "running":
+                    await fresh.cloud.stop_cloud_vm(vm.name)
+                    await fresh.cloud.start_cloud_vm(vm.name, TENANT,
+                                                     lab=lab_network(fresh.settings))
+            assert cli(lab, "region", "list") == []
+
+
+async def _objects(host: Host, vm: str) -> set[str]:
+    """The region objects L0's QEMU of cloud VM ``vm`` holds (its own view, not the store)."""
+    rec = host.cloud.vm(vm)
+    l1 = host.cloud.l1(rec)
+    if not l1.alive():
+        return set()
+    return {o["name"] for o in await l1.execute("qom-list", {"path": "/objects"})
+            if o["name"].startswith("region-")}
+
+
+async def check_nested(lab: dict[str, Any], name: str, outcome: str, src_vm: str,
+                       dst_vm: str) -> None:
+    """The promise, asked of the agents and of L0's QEMUs; the store must agree."""
+    async with Host(settings_of(lab)) as host:  # a new command: it settles and reaps
+        rec = host.store.get_guest(name)
+        assert host.store.unfinished_migrations(name) == []
+        assert not _memfd_inodes([os.getpid()]), "the test process holds a region fd"
+        running = {vm.name for vm in host.store.cloud_vms() if vm.state.value == "running"}
+        where = {"source": src_vm, "dest": dst_vm, "held": src_vm}.get(outcome)
+        copies = {}
+        for vm in sorted(running & {"l1a", "l1b"}):
+            agent = host.cloud.agent(host.cloud.vm(vm))
+            if name in (await agent.wait_ready(60))["guests"]:
+                copies[vm] = await agent.call("status", name=name)
+        objs = {vm: await _objects(host, vm) for vm in sorted(running & {"l1a", "l1b"})}
+        short = f"region-{rec.region_id[:8]}"
+        if outcome == "lost":
+            assert rec.state is GuestState.LOST
+            assert not any(c["alive"] for c in copies.values()), copies
+            assert not any(short in o for o in objs.values()), objs
+            return
+        if outcome == "held":
+            assert rec.state is GuestState.NEEDS_ACTION and rec.cloud_vm == src_vm
+            assert copies[src_vm]["run_state"] == "postmigrate"  # kept, never resumed
+            assert not copies.get(dst_vm, {"alive": False})["alive"]
+            return
+        assert rec.state is GuestState.RUNNING and rec.cloud_vm == where, rec
+        assert list(copies) == [where], f"copies of the guest in {list(copies)}"
+        st = copies[where]
+        assert st["alive"] and st["run_state"] == "running"
+        assert st["region_id"] == rec.region_id
+        # Through L0's QMP: the region is attached where the guest runs, and only there.
+        assert {vm: short in o for vm, o in objs.items()} == {
+            vm: vm == where for vm in objs}, objs
+        assert all(len(o) == (1 if vm == where else 0) for vm, o in objs.items()), objs
+        regions = [r for r in host.store.regions() if r["guest"] == name]
+        assert [r["region_id"] for r in regions] == [rec.region_id]
+        hb0 = await host.cloud.heartbeat(rec)
+        hb1 = await host.cloud.wait_heartbeat(rec, hb0.seq if hb0 else -1, timeout=60)
+        assert hb1 is not None and hb1.ok and hb1.bad == 0
+
+
+async def _nested_strike(host: Host, cell: Cell, name: str, src_vm: str, dst_vm: str
+                         ) -> int:
+    """Run the cell's move with its fault through the API; returns the exit code."""
+    src_agent = host.cloud.agent(host.cloud.vm(src_vm))
+
+    async def act(dst_agent: AgentClient) -> None:
+        if cell.what == "dst-qemu-killed":
+            await dst_agent.call("signal", name=name, signum=signal.SIGKILL)
+        elif cell.what == "src-qemu-killed":
+            await src_agent.call("signal", name=name, signum=signal.SIGKILL)
+        elif cell.what == "dst-agent-restarted":
+            await dst_agent.call("restart")  # the agent exits; init starts it again
+            await asyncio.sleep(0.5)
+        elif cell.what == "src-cancel":
+            await src_agent.qmp(name, "migrate_cancel")
+        else:  # a cloud VM's QEMU on L0
+            vm = dst_vm if cell.what == "dst-cloud-vm-killed" else src_vm
+            os.kill(host.cloud.vm(vm).pid, signal.SIGKILL)
+            await asyncio.sleep(0.2)
+
+    hooks: dict[str, Any] = {}
+    if cell.when == "prepare":
+        hooks["before_switch"] = act
+    elif cell.when == "confirm":
+        hooks["after_switch"] = act
+    task = asyncio.create_task(host.cloud.migrate(name, dst_vm, cell.mode, **hooks))
+    if cell.when == "mid-stream":
+        for _ in range(6000):
+            info = await src_agent.qmp(name, "query-migrate")
+            if info.get("status") == "active" and info["ram"]["transferred"] > 8 * MiB:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("nested precopy never got going")
+        await act(host.cloud.agent(host.cloud.vm(dst_vm)))
+    try:
+        await task
+    except VmbeamError as exc:
+        return exc.exit_code
+    return 0
+
+
+@pytest.mark.parametrize("cell", NESTED_CELLS, ids=[c.id for c in NESTED_CELLS])
+async def test_nested_fault(cell: Cell, lab: dict[str, Any], lab_host: Host,
+                            nested_guest: str) -> None:
+    name = nested_guest
+    src_vm = lab_host.store.get_guest(name).cloud_vm
+    dst_vm = _other(src_vm)
+    if cell.what == "command-dies":
+        proc = run_cli(lab["state"], "migrate", name, "--to", dst_vm, "--mode",
+                       cell.mode.value, "--json",
+                       env={**lab["env"], "VMBEAM_TEST_CRASH_AFTER": cell.when})
+        assert proc.returncode == cell.rc, proc.stderr
+    else:
+        assert await _nested_strike(lab_host, cell, name, src_vm, dst_vm) == cell.rc
+    await check_nested(lab, name, cell.outcome, src_vm, dst_vm)
+    if cell.outcome in ("source", "dest"):  # ...and it can move again
+        where = src_vm if cell.outcome == "source" else dst_vm
+        res = cli(lab, "migrate", name, "--to", _other(where))
+        assert res["guest_ok"] is True and res["source_detached"] is True
+        await check_nested(lab, name, "dest", where, _other(where))
