@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export VMBEAM_ACCEL ?= auto
 
-.PHONY: setup images demo test lint bench clean
+.PHONY: setup images demo test lint bench soak clean
 setup:
 	@bash scripts/setup.sh
 
@@ -17,6 +17,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q -ra tests
+
+soak: setup
+	$(PY) scripts/soak.py --moves 200
 
 bench: setup
 	.venv/bin/vmbeam-kvm --state-dir build/bench-state bench flat --sizes 1G,4G,8G --repeat 3 \

@@ -23,6 +23,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import click
 
 from .bench import bench_flat, markdown_table, plot
+from .cloudvm import CLOUD_VM_CPUS
 from .config import Accel, Settings
 from .errors import BadInputError, LaunchError, VmbeamError
 from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory
@@ -300,7 +301,7 @@ def cloud_vm() -> None:
 @click.argument("name")
 @click.option("--tenant", required=True)
 @click.option("--memory", default="2G", show_default=True)
-@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--cpus", type=click.IntRange(1, 64), default=CLOUD_VM_CPUS, show_default=True)
 @json_option
 @click.pass_context
 @command

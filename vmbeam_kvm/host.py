@@ -24,7 +24,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .accel import resolve_accel
-from .cloudvm import ROOT_PORT_WINDOW, ROOT_PORTS, CloudVMRecord, CloudVMState
+from .cloudvm import (
+    CLOUD_VM_CPUS,
+    ROOT_PORT_WINDOW,
+    ROOT_PORTS,
+    CloudVMRecord,
+    CloudVMState,
+)
 from .config import Accel, Settings, check_lab_network
 from .errors import (
     BadInputError,
@@ -150,6 +156,14 @@ class Host:
             self._store.close()
             self._store = None
 
+    async def disconnect(self) -> None:
+        """Let go of every QMP session and agent channel (both serve one client at a time),
+        so that another command can use them; they reconnect on next use."""
+        if self._cloud is not None:
+            await self._cloud.close()
+        for proc in self._procs.values():
+            await proc.close()
+
     # -- processes ------------------------------------------------------------------------
     def process(self, rec: GuestRecord) -> QemuProcess:
         """The QEMU process that currently runs ``rec`` (re-attached if needed)."""
@@ -271,7 +285,8 @@ class Host:
         raise BadInputError(f"a cloud VM named {name!r} already exists")
 
     async def start_cloud_vm(self, name: str, tenant: str, memory: int | str = "2G",
-                             cpus: int = 2, lab: LabNetwork | None = None) -> CloudVMRecord:
+                             cpus: int = CLOUD_VM_CPUS,
+                             lab: LabNetwork | None = None) -> CloudVMRecord:
         """Boot a cloud VM of ``tenant`` (on ``lab``) and wait for its agent."""
         self.validate_new_cloud_vm(name, tenant, memory, cpus, lab)
         return await self.cloud.start_cloud_vm(name, tenant, memory, cpus, lab=lab)
@@ -428,6 +443,8 @@ class Host:
             raise BadInputError(f"guest {name!r} runs in cloud VM {rec.cloud_vm!r}, not on "
                                 f"this host: move it with --to (Guest.move_to)")
         # migrate_local checks these again under the guest's lock; here they come first.
+        if rec.state is GuestState.MIGRATING:
+            raise GuestBusyError(f"guest {name!r} is busy: a migration of it is in flight")
         if rec.state is not GuestState.RUNNING:
             raise BadInputError(f"guest {name!r} is {rec.state.value}; only a running guest "
                                 f"can be migrated")

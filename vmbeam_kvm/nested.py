@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .agent.protocol import AgentClient, AgentError
 from .cloudvm import (
+    CLOUD_VM_CPUS,
     CloudVMRecord,
     CloudVMState,
     TcgTuning,
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIGRATION_PORT = 4444
 # A test's fault injection at a point of a nested migration, given the destination agent.
 FaultHook = Callable[[AgentClient], Awaitable[None]]
 # The embedded default topology of `lab up`.
@@ -156,7 +156,8 @@ class CloudOps:
         return rec
 
     async def start_cloud_vm(self, name: str, tenant: str, memory: int | str = "2G",
-                             cpus: int = 2, lab: LabNetwork | None = None) -> CloudVMRecord:
+                             cpus: int = CLOUD_VM_CPUS,
+                             lab: LabNetwork | None = None) -> CloudVMRecord:
         """Boot a cloud VM and wait for its agent."""
         size = parse_size(memory)
         if not tenant:
@@ -475,6 +476,10 @@ class _NestedRun:
 
     async def execute(self) -> NestedResult:
         name = self.rec.name
+        # Both agent channels for the whole move, taken in one global order so that two
+        # commands moving guests in opposite directions cannot each hold one and wait.
+        for agent in sorted((self.src_agent, self.dst_agent), key=lambda a: a.name):
+            await agent.connect()
         mig_id = self.store.begin_migration(name, self.mode.value, self.rec.pid, 0)
         self.rec.state = GuestState.MIGRATING
         self.store.update_guest(self.rec)
@@ -524,8 +529,10 @@ class _NestedRun:
                     await agent.qmp(name, "migrate-set-capabilities", {"capabilities": [
                         {"capability": c, "state": on} for c, on in end_caps.items()]})
                     await agent.qmp(name, "migrate-set-parameters", params)
-                await self.dst_agent.qmp(name, "migrate-incoming",
-                                         {"uri": f"tcp:0.0.0.0:{MIGRATION_PORT}"})
+                # Port 0: the kernel picks a free one, so moves into one cloud VM can overlap.
+                await self.dst_agent.qmp(name, "migrate-incoming", {"uri": "tcp:0.0.0.0:0"})
+                listening = await self.dst_agent.qmp(name, "query-migrate")
+                port = int(listening["socket-address"][0]["port"])
                 if self.before_switch is not None:
                     await self.before_switch(self.dst_agent)
                 # Last look before the point of no return: the destination's agent and its
@@ -547,7 +554,7 @@ class _NestedRun:
             try:
                 self.switch_started = True
                 await self.src_agent.qmp(name, "migrate",
-                                         {"uri": f"tcp:{dst_ip}:{MIGRATION_PORT}"})
+                                         {"uri": f"tcp:{dst_ip}:{port}"})
             except VmbeamError as exc:
                 raise Rollback(f"source refused to migrate: {exc}") from exc
             info = await self._wait_source()

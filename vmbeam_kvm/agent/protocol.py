@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Any
 from ..errors import VmbeamError
 
 PORT_NAME = "org.vmbeam.agent"
+# How long a command waits for a cloud VM's agent channel that another command holds.
+LOCK_WAIT = 180.0
 
 
 class AgentError(VmbeamError):
@@ -45,8 +49,15 @@ class AgentClient:
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(int(time.time() * 1000) % 10**9)
         self._lock = asyncio.Lock()
+        self._lock_fd: int | None = None
 
     async def connect(self, timeout: float = 10.0) -> None:
+        """Take the channel: QEMU serves the agent's socket to one client at a time, so a
+        process holds ``agent.lock`` (beside the socket) while it is connected; another
+        command waits up to ``LOCK_WAIT`` seconds for it, then gets a clear error."""
+        if self._writer is not None:
+            return
+        await self._lock_channel()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -55,15 +66,41 @@ class AgentClient:
                 return
             except OSError as exc:
                 if time.monotonic() > deadline:
+                    self._unlock_channel()
                     raise AgentError(f"cannot reach the agent of {self.name}: {exc}") from exc
                 await asyncio.sleep(0.1)
 
+    async def _lock_channel(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path.with_name(self.path.stem + ".lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_fd = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise AgentError(f"the agent of cloud VM {self.name} is in use by another "
+                                     f"vmbeam-kvm command (waited {LOCK_WAIT:.0f} s)") from None
+                await asyncio.sleep(0.05)
+
+    def _unlock_channel(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only fd of it releases the flock
+            self._lock_fd = None
+
     async def close(self) -> None:
+        """Let go of the channel (and its lock) for other commands."""
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
             self._reader = self._writer = None
+        self._unlock_channel()
 
     async def __aenter__(self) -> AgentClient:
         await self.connect()
@@ -80,19 +117,29 @@ class AgentClient:
                 await self.connect()
             assert self._reader is not None and self._writer is not None
             req_id = next(self._ids)
-            self._writer.write(encode({"id": req_id, "op": op, "args": args}))
-            await self._writer.drain()
+            try:
+                self._writer.write(encode({"id": req_id, "op": op, "args": args}))
+                await self._writer.drain()
+            except OSError as exc:  # the cloud VM's QEMU went away under us
+                await self.close()
+                raise AgentError(f"agent of cloud VM {self.name}: channel lost ({exc})"
+                                 f"{self.console_tail()}") from exc
             try:
                 async with asyncio.timeout(timeout):
                     while True:
                         line = await self._reader.readline()
                         if not line:
+                            await self.close()
                             raise AgentError(f"agent of {self.name} closed the channel"
                                              f"{self.console_tail()}")
                         with contextlib.suppress(ValueError):
                             reply = json.loads(line)
                             if isinstance(reply, dict) and reply.get("id") == req_id:
                                 break
+            except OSError as exc:
+                await self.close()
+                raise AgentError(f"agent of cloud VM {self.name}: channel lost ({exc})"
+                                 f"{self.console_tail()}") from exc
             except TimeoutError:
                 await self.close()  # the late reply must not be taken for the next one
                 raise AgentError(f"agent of cloud VM {self.name} did not answer {op} within "
