@@ -54,14 +54,17 @@ def settings(state_dir: Path) -> Settings:
 
 @pytest.fixture
 async def host(settings: Settings) -> AsyncIterator[Host]:
-    async with Host(settings) as h:
-        try:
-            yield h
-        finally:
-            await h.stop_all()
-    leftover = qemu_pids(str(settings.state_dir))
-    for pid in leftover:
-        os.kill(pid, 9)
+    try:
+        async with Host(settings) as h:
+            try:
+                yield h
+            finally:
+                await h.stop_all()
+    finally:
+        # Also when the test or stop_all failed: a leaked TCG guest slows every later test.
+        leftover = qemu_pids(str(settings.state_dir))
+        for pid in leftover:
+            os.kill(pid, 9)
     assert not leftover, f"QEMU processes left behind: {leftover}"
 
 

@@ -202,17 +202,17 @@ async def test_two_guests_into_one_cloud_vm_at_once(lab: dict[str, Any]) -> None
             await host.cloud.start_guest(n, "l1a", "128M", touch=70)
         for n in names:
             assert await host.cloud.wait_heartbeat(host.store.get_guest(n), timeout=120)
-        move = asyncio.create_task(host.cloud.migrate("c1", "l1b"))
-        await asyncio.sleep(0.3)  # c1's move holds its guest lock now
+        moves = [asyncio.create_task(host.cloud.migrate(n, "l1b")) for n in names]
+        await asyncio.sleep(0.3)  # both moves hold their guests' locks now
         with pytest.raises(GuestBusyError):
             await host.cloud.migrate("c1", "l1b")
         with pytest.raises(GuestBusyError):
             await host.stop_guest("c1")
-        results = [await move, *await asyncio.gather(
-            host.cloud.migrate("c2", "l1b"), host.cloud.migrate("c1", "l1a"))]
+        results = await asyncio.gather(*moves)
         assert all(r.guest_ok for r in results)
-        assert len(host.store.migrations("c1")) == 2  # the refusals journaled nothing
-    assert attached(lab, "c1") == ["l1a"] and attached(lab, "c2") == ["l1b"]
+        assert [len(host.store.migrations(n)) for n in names] == [1, 1]  # refusals: none
+        await host.disconnect()
+    assert attached(lab, "c1") == ["l1b"] and attached(lab, "c2") == ["l1b"]
     for n in names:
         st = cli(lab, "guest", "status", n)
         assert st["run_state"] == "running" and st["memory_ok"] is True

@@ -543,6 +543,31 @@ def handed_over(info: dict[str, Any]) -> bool:
     return info.get("status") == "completed" and "total-time" in info
 
 
+async def settle_incoming(src: QMPExecute, dst: QMPExecute, timeout: float = 10.0
+                          ) -> str | None:
+    """The run state a destination seen ``inmigrate`` settles in, for crash recovery.
+
+    A source that handed over completes a moment before its destination has started the
+    guest: give such a destination up to ``timeout`` to run rather than throw a complete
+    move away. Returns ``inmigrate`` at once where the source did not hand over, None when
+    the destination cannot be asked.
+    """
+    try:
+        if not handed_over(await src("query-migrate", None)):
+            return "inmigrate"
+    except VmbeamError:
+        return "inmigrate"
+    deadline = time.monotonic() + timeout
+    state: str | None = "inmigrate"
+    while state == "inmigrate" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        try:
+            state = str((await dst("query-status", None))["status"])
+        except VmbeamError:
+            return None
+    return state
+
+
 async def resume_source(execute: QMPExecute, name: str, *, switch_started: bool,
                         dest_never_ran: bool = False) -> None:
     """Ensure a source whose migration did not complete runs again.
@@ -596,6 +621,8 @@ async def recover(host: Host, rec: GuestRecord, mig: MigrationRecord) -> None:
         if dst.alive():
             with contextlib.suppress(QMPCommandError):
                 dst_state = await dst.run_state()
+            if dst_state == "inmigrate" and src.alive():
+                dst_state = await settle_incoming(src.execute, dst.execute)
     try:
         if dst is not None and dst_state == "running":
             if src.alive():

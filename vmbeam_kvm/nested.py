@@ -17,7 +17,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,7 @@ from .migration import (
     Rollback,
     crash_point,
     resume_source,
+    settle_incoming,
     wait_for_handover,
 )
 from .qemu.process import ProcessRef, QemuProcess, cpu_seconds
@@ -111,6 +112,7 @@ class CloudOps:
         self.store = host.store
         self._agents: dict[str, AgentClient] = {}
         self._setup_lock = asyncio.Lock()
+        self._plug_locks: dict[str, asyncio.Lock] = {}
 
     async def close(self) -> None:
         for agent in self._agents.values():
@@ -148,6 +150,22 @@ class CloudOps:
                 if guest.cloud_vm == vm.name and guest.state is GuestState.RUNNING:
                     guest.state = GuestState.LOST
                     self.store.update_guest(guest)
+
+    @contextlib.asynccontextmanager
+    async def plugging(self, vm: CloudVMRecord) -> AsyncIterator[CloudVMRecord]:
+        """Hot-plug work on cloud VM ``vm``: one at a time in this process (other commands
+        hold its agent channel meanwhile), on its current record; only the attachments
+        that changed are written back, and ``vm`` is brought up to date."""
+        async with self._plug_locks.setdefault(vm.name, asyncio.Lock()):
+            cur = self.store.get_cloud_vm(vm.name)
+            before = dict(cur.attachments)
+            try:
+                yield cur
+            finally:
+                for rid in before.keys() | cur.attachments.keys():
+                    if before.get(rid) != cur.attachments.get(rid):
+                        self.store.record_attachment(vm.name, rid, cur.attachments.get(rid))
+                vm.attachments = cur.attachments
 
     def running_vm(self, name: str) -> CloudVMRecord:
         rec = self.vm(name)
@@ -257,8 +275,8 @@ class CloudOps:
         proc = self.l1(vm)
         try:
             with self.store.lock_guest(name), BeamRegion.create(size, name, pow2=True) as reg:
-                await attach_region(proc, vm, reg)
-                self.store.update_cloud_vm(vm)
+                async with self.plugging(vm) as cur:
+                    await attach_region(proc, cur, reg)
                 self.store.add_region(reg.region_id, name, vm.tenant, size, reg.size)
                 rec.region_id = reg.region_id
                 started = await self.agent(vm).call(
@@ -272,8 +290,8 @@ class CloudOps:
                 await self.agent(vm).call("stop_guest", name=name, kill=True)
             if rec.region_id:
                 with contextlib.suppress(VmbeamError):
-                    await detach_region(proc, vm, rec.region_id)
-                self.store.update_cloud_vm(vm)
+                    async with self.plugging(vm) as cur:
+                        await detach_region(proc, cur, rec.region_id)
                 self.store.remove_region(rec.region_id)
             self.store.remove_guest(name)
             raise
@@ -291,9 +309,9 @@ class CloudOps:
                     continue
                 with contextlib.suppress(AgentError):
                     await self.agent(vm).call("stop_guest", name=name)
-                for region_id in held:
-                    await detach_region(self.l1(vm), vm, region_id)
-                self.store.update_cloud_vm(vm)
+                async with self.plugging(vm) as cur:
+                    for region_id in held:
+                        await detach_region(self.l1(cur), cur, region_id)
             for region_id in regions:
                 self.store.remove_region(region_id)
             self.store.remove_guest(name)
@@ -400,6 +418,12 @@ class CloudOps:
                 dst = await self._l2_status(mig.dst_cloud_vm, name, wait=30)
         except AgentError as exc:
             raise _Unresolvable(f"cannot see both sides: {exc}") from exc
+        if dst["alive"] and dst["run_state"] == "inmigrate" and src["alive"]:
+            dst["run_state"] = await settle_incoming(
+                functools.partial(self.agent(self.vm(mig.src_cloud_vm)).qmp, name),
+                functools.partial(self.agent(self.vm(mig.dst_cloud_vm)).qmp, name))
+            if dst["run_state"] is None:
+                raise _Unresolvable("the destination stopped answering while it settled")
         if dst["alive"] and dst["run_state"] == "running":
             # The switch happened: the destination is the guest, the source must never run.
             src_vm = self.vm(mig.src_cloud_vm)
@@ -441,8 +465,8 @@ class CloudOps:
         """Detach ``region_id`` from ``vm``; forget the region unless it is ``keep``."""
         l1 = self.l1(vm)
         if l1.alive():
-            await detach_region(l1, vm, region_id)
-            self.store.update_cloud_vm(vm)
+            async with self.plugging(vm) as cur:
+                await detach_region(l1, cur, region_id)
         if region_id and region_id != keep:
             self.store.remove_region(region_id)
 
@@ -502,8 +526,8 @@ class _NestedRun:
                     if self.mode is not MigrationMode.ZERO_COPY:
                         self.store.add_region(region.region_id, name, self.rec.tenant,
                                               self.rec.memory, region.size)
-                    await attach_region(self.dst_l1, self.dst_vm, region)
-                    self.store.update_cloud_vm(self.dst_vm)
+                    async with self.ops.plugging(self.dst_vm) as cur:
+                        await attach_region(self.dst_l1, cur, region)
                 crash_point(MigrationPhase.SHARE)
                 self._done("share")
                 # ---- PREPARE: the destination agent verifies the region, starts L2 ----
@@ -577,8 +601,8 @@ class _NestedRun:
             self.store.update_guest(self.rec)
             crash_point(MigrationPhase.RELOCATE)
             await self.src_agent.call("stop_guest", name=name)
-            await detach_region(self.src_l1, self.src_vm, old_region)
-            self.store.update_cloud_vm(self.src_vm)
+            async with self.ops.plugging(self.src_vm) as cur:
+                await detach_region(self.src_l1, cur, old_region)
             if old_region != self.dst_region_id:
                 self.store.remove_region(old_region)
             detached = await self._detached_from_source(old_region)
@@ -700,12 +724,12 @@ class _NestedRun:
                 await self.dst_agent.wait_ready(30)
                 await self.dst_agent.call("stop_guest", name=name, kill=True)
         if self.dst_region_id:
-            if dst_alive:
-                with contextlib.suppress(VmbeamError):
-                    await detach_region(self.dst_l1, self.dst_vm, self.dst_region_id)
-            else:  # a dead cloud VM's QEMU holds nothing any more
-                self.dst_vm.attachments.pop(self.dst_region_id, None)
-            self.store.update_cloud_vm(self.dst_vm)
+            async with self.ops.plugging(self.dst_vm) as cur:
+                if dst_alive:
+                    with contextlib.suppress(VmbeamError):
+                        await detach_region(self.dst_l1, cur, self.dst_region_id)
+                else:  # a dead cloud VM's QEMU holds nothing any more
+                    cur.attachments.pop(self.dst_region_id, None)
             if self.dst_region_id != self.rec.region_id:
                 self.store.remove_region(self.dst_region_id)
         src = await self.ops._l2_status(self.src_vm.name, name, wait=10)

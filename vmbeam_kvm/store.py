@@ -317,6 +317,27 @@ class Store:
     def update_cloud_vm(self, rec: CloudVMRecord) -> None:
         self._update("cloud_vms", _cvm_row(rec))
 
+    def record_attachment(self, vm: str, region_id: str, att: dict[str, Any] | None) -> None:
+        """Record one region's attachment to a cloud VM (None: its removal) and leave the
+        other entries as they are now, so that moves through one cloud VM never undo
+        each other's records."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute("SELECT attachments FROM cloud_vms WHERE name=?",
+                                   (vm,)).fetchone()
+            if row is not None:
+                atts = json.loads(row[0] or "{}")
+                if att is None:
+                    atts.pop(region_id, None)
+                else:
+                    atts[region_id] = att
+                self._db.execute("UPDATE cloud_vms SET attachments=? WHERE name=?",
+                                 (json.dumps(atts), vm))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def get_cloud_vm(self, name: str) -> CloudVMRecord:
         key = _lookup_key(name)
         row = None if key is None else self._db.execute(
