@@ -12,6 +12,7 @@ L0's QEMUs, not the store), nothing left behind — and that the guest can move 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -88,13 +89,14 @@ async def flat_guest(host: Host, cell: Cell) -> AsyncIterator[Guest]:
         yield g
 
 
-async def _wait_streaming(g: Guest, src: QemuProcess, at_least: int = 8 * MiB) -> None:
-    """Until the source's precopy has sent ``at_least`` bytes (it is throttled for this)."""
+async def _wait_streaming(execute: Callable[[str], Awaitable[Any]],
+                          at_least: int = 8 * MiB) -> None:
+    """Until a source's precopy (asked through ``execute``) has sent ``at_least`` bytes."""
     for _ in range(3000):
-        info = await src.execute("query-migrate")
+        info = await execute("query-migrate")
         if info.get("status") == "active" and info.get("ram", {}).get("transferred", 0) > at_least:
             return
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
     pytest.fail("precopy never got going")
 
 
@@ -167,7 +169,7 @@ async def _inject(g: Guest, cell: Cell) -> int:
             opts.after_switch = strike
     task = asyncio.create_task(g.migrate(opts))
     if cell.when == "mid-stream":
-        await _wait_streaming(g, src)
+        await _wait_streaming(src.execute)
         if cell.what == "src-cancel":
             await src.execute("migrate_cancel")
         elif target == "src":
@@ -359,13 +361,7 @@ async def _nested_strike(host: Host, cell: Cell, name: str, src_vm: str, dst_vm:
         hooks["after_switch"] = act
     task = asyncio.create_task(host.cloud.migrate(name, dst_vm, cell.mode, **hooks))
     if cell.when == "mid-stream":
-        for _ in range(6000):
-            info = await src_agent.qmp(name, "query-migrate")
-            if info.get("status") == "active" and info["ram"]["transferred"] > 8 * MiB:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("nested precopy never got going")
+        await _wait_streaming(functools.partial(src_agent.qmp, name))
         await act(host.cloud.agent(host.cloud.vm(dst_vm)))
     try:
         await task

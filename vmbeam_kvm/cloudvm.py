@@ -211,7 +211,8 @@ async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | 
     console kept as ``console.log.1``); if it fails again the error names it and quotes the
     end of its console.
     """
-    for attempt in (1, 2):
+    attempt = 1
+    while True:
         proc = await QemuProcess.launch(argv, Path(rec.qmp_path), Path(rec.log_path),
                                         netns=lab.ns if lab else None)
         try:
@@ -228,10 +229,10 @@ async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | 
             console = Path(rec.console_path)
             with contextlib.suppress(OSError):
                 console.replace(console.with_name(console.name + ".1"))
+            attempt += 1
         except BaseException:
             proc.kill()
             raise
-    raise AssertionError("unreachable")
 
 
 async def attach_region(proc: QemuProcess, rec: CloudVMRecord, region: BeamRegion) -> None:

@@ -74,6 +74,23 @@ _MAX_SOCKET_PATH = 107
 _INSTANCE_DIGITS = 6
 
 
+def _check_size(memory: int | str, minimum: int, what: str) -> int:
+    """Parse a RAM size and refuse it unless page-aligned, at least ``minimum`` and no more
+    than the host has available; ``what`` names it in the error."""
+    size = parse_size(memory)
+    if size % PAGE_SIZE:
+        raise BadInputError(f"{what} {size} is not a multiple of the page size "
+                            f"({PAGE_SIZE} bytes)")
+    if size < minimum:
+        raise BadInputError(f"{what} {format_size(size)} is below the minimum of "
+                            f"{minimum >> 20} MiB")
+    avail = mem_available()
+    if size > avail:
+        raise BadInputError(f"{what} {size >> 20} MiB exceeds the host's available "
+                            f"memory ({avail >> 20} MiB)")
+    return size
+
+
 def check_guest_memory(memory: int | str, *, in_cloud_vm: bool = False) -> int:
     """Parse and check a new guest's RAM size; raise :class:`BadInputError` if unusable.
 
@@ -81,13 +98,7 @@ def check_guest_memory(memory: int | str, *, in_cloud_vm: bool = False) -> int:
     fit one hot-plug root port's 64-bit window.
     """
     size = parse_size(memory)
-    if size % PAGE_SIZE:
-        raise BadInputError(f"memory size {size} is not a multiple of the page size "
-                            f"({PAGE_SIZE} bytes)")
-    if size < MIN_MEMORY:
-        raise BadInputError(f"memory size {size} is below the minimum of "
-                            f"{MIN_MEMORY >> 20} MiB")
-    if in_cloud_vm:
+    if in_cloud_vm and size % PAGE_SIZE == 0 and size >= MIN_MEMORY:
         window = parse_size(ROOT_PORT_WINDOW)
         region = 1 << (size + PAGE_SIZE - 1).bit_length()
         if region > window:
@@ -95,11 +106,7 @@ def check_guest_memory(memory: int | str, *, in_cloud_vm: bool = False) -> int:
                                 f"region ({format_size(region)}, RAM + identity page rounded "
                                 f"up to a power of two) exceeds the {ROOT_PORT_WINDOW} "
                                 f"hot-plug window")
-    avail = mem_available()
-    if size > avail:
-        raise BadInputError(f"memory size {size >> 20} MiB exceeds the host's available "
-                            f"memory ({avail >> 20} MiB)")
-    return size
+    return _check_size(size, MIN_MEMORY, "memory size")
 
 
 def mem_available() -> int:
@@ -261,17 +268,7 @@ class Host:
         if not tenant:
             raise BadInputError("a cloud VM needs a tenant")
         check_name(tenant, "tenant")
-        size = parse_size(memory)
-        if size % PAGE_SIZE:
-            raise BadInputError(f"cloud VM memory {size} is not a multiple of the page size "
-                                f"({PAGE_SIZE} bytes)")
-        if size < MIN_CLOUD_VM_MEMORY:
-            raise BadInputError(f"cloud VM memory {format_size(size)} is below the minimum of "
-                                f"{MIN_CLOUD_VM_MEMORY >> 20} MiB")
-        avail = mem_available()
-        if size > avail:
-            raise BadInputError(f"cloud VM memory {size >> 20} MiB exceeds the host's "
-                                f"available memory ({avail >> 20} MiB)")
+        size = _check_size(memory, MIN_CLOUD_VM_MEMORY, "cloud VM memory")
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
             raise BadInputError(f"invalid CPU count {shown(cpus)}: use 1-{MAX_CPUS}")
         if lab is not None:

@@ -627,10 +627,7 @@ class _NestedRun:
             except GuestLostError:
                 raise
             except VmbeamError as unsafe:
-                self.rec.state = GuestState.NEEDS_ACTION
-                self.store.update_guest(self.rec)
-                self.store.journal(mig_id, MigrationPhase.FAILED,
-                                   error=f"{exc}; rollback: {unsafe}")
+                self._needs_action(mig_id, f"{exc}; rollback: {unsafe}")
                 if isinstance(unsafe, MigrationError):
                     raise
                 raise MigrationError(f"migration of {name!r} failed ({exc}) and its source "
@@ -642,13 +639,16 @@ class _NestedRun:
             raise MigrationError(f"migration of {name!r} failed, guest still running in "
                                  f"{self.src_vm.name}: {exc}", source_resumed=True) from exc
         except (MigrationError, VmbeamError) as exc:
-            self.rec.state = GuestState.NEEDS_ACTION
-            self.store.update_guest(self.rec)
-            self.store.journal(mig_id, MigrationPhase.FAILED, error=str(exc))
+            self._needs_action(mig_id, str(exc))
             if isinstance(exc, MigrationError):
                 raise
             raise MigrationError(f"migration of {name!r} failed after the switch: {exc}",
                                  source_resumed=False) from exc
+
+    def _needs_action(self, mig_id: int, why: str) -> None:
+        self.rec.state = GuestState.NEEDS_ACTION
+        self.store.update_guest(self.rec)
+        self.store.journal(mig_id, MigrationPhase.FAILED, error=why)
 
     async def _migration_tls(self) -> str:
         """A fresh pre-shared key for both ends (or "" = TLS off); returns the creds id."""
