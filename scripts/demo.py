@@ -29,12 +29,12 @@ from vmbeam_kvm import (
     MigrationResult,
     Settings,
 )
-from vmbeam_kvm.nested import NestedResult, lab_down, lab_up
+from vmbeam_kvm.lab import lab_down, lab_up
 from vmbeam_kvm.units import format_size, parse_size
 
 
 def _label(r: MigrationResult) -> str:
-    if isinstance(r, NestedResult):
+    if r.source_cloud_vm and r.dest_cloud_vm:
         return f"{r.mode} {r.source_cloud_vm[-1]}>{r.dest_cloud_vm[-1]}"
     return r.mode
 
@@ -50,7 +50,7 @@ def table(results: list[MigrationResult]) -> str:
         ("QEMU CPU (s)", lambda r: f"{r.qemu_cpu_seconds:.2f}"),
         ("guest ok after move", lambda r: str(r.guest_ok)),
     ]
-    if all(isinstance(r, NestedResult) for r in results):
+    if all(r.source_cloud_vm is not None for r in results):
         rows[3:5] = [
             ("bytes on L1-L1 link", lambda r: f"{getattr(r, 'network_bytes', 0):,}"),
             ("L0 CPU, all QEMUs (s)", lambda r: f"{getattr(r, 'l0_cpu_seconds', 0):.2f}"),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmbeam_kvm import Host, MigrationMode, Settings, VmbeamError
-from vmbeam_kvm.nested import lab_down, lab_up
+from vmbeam_kvm.lab import lab_down, lab_up
 
 
 async def region_objects(host: Host) -> dict[str, int]:

@@ -12,6 +12,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported here, at collection, on purpose: hypothesis's pytest plugin imports it at the end
+# of a session that did not, and pytest's assertion rewriting of it then hits CPython
+# 3.11.7's "AST constructor recursion depth mismatch" (SystemError, exit 1 after a green run).
+import hypothesis  # noqa: F401
 import pytest
 
 from vmbeam_kvm import Accel, Guest, Host, Settings

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from vmbeam_kvm import GuestBusyError, Host, MigrationMode, MigrationOptions
+from vmbeam_kvm.migrate.faults import injected
 from vmbeam_kvm.qemu.process import QemuProcess
 from vmbeam_kvm.store import GuestState
 
@@ -44,8 +45,9 @@ async def _in_flight(host: Host, name: str, hold: float) -> asyncio.Task[object]
     async def linger(_dst: QemuProcess) -> None:
         await asyncio.sleep(hold)
 
-    opts = MigrationOptions(mode=MigrationMode.ZERO_COPY, before_switch=linger)
-    task: asyncio.Task[object] = asyncio.create_task(host.migrate(name, opts))
+    opts = MigrationOptions(mode=MigrationMode.ZERO_COPY)
+    with injected(before_switch=linger):
+        task: asyncio.Task[object] = asyncio.create_task(host.migrate(name, opts))
     for _ in range(3000):
         if host.store.get_guest(name).state is GuestState.MIGRATING:
             return task

@@ -18,6 +18,7 @@ from vmbeam_kvm import (
     MigrationMode,
     MigrationOptions,
 )
+from vmbeam_kvm.migrate.faults import injected
 from vmbeam_kvm.qemu.process import QemuProcess
 from vmbeam_kvm.store import GuestState, MigrationPhase
 
@@ -41,8 +42,9 @@ async def assert_source_healthy(guest: Guest, src_pid: int) -> None:
 async def test_destination_maps_other_region_refused(guest: Guest) -> None:
     src = guest.record.pid
     with (BeamRegion.create(guest.record.memory, "impostor") as other,
+          injected(dest_region=other),
           pytest.raises(MigrationError, match="switch refused") as err):
-        await guest.migrate(MigrationOptions(dest_region=other))
+        await guest.migrate(MigrationOptions())
     assert err.value.source_resumed and err.value.exit_code == 3
     await assert_source_healthy(guest, src)
 
@@ -53,8 +55,8 @@ async def test_destination_killed_before_switch(guest: Guest) -> None:
     async def kill(dst: QemuProcess) -> None:
         os.kill(dst.pid, signal.SIGKILL)
 
-    with pytest.raises(MigrationError) as err:
-        await guest.migrate(MigrationOptions(mode=MigrationMode.ZERO_COPY, before_switch=kill))
+    with pytest.raises(MigrationError) as err, injected(before_switch=kill):
+        await guest.migrate(MigrationOptions(mode=MigrationMode.ZERO_COPY))
     assert err.value.source_resumed
     await assert_source_healthy(guest, src)
 
@@ -95,8 +97,9 @@ async def test_destination_refuses_stream(guest: Guest) -> None:
         await dst.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": False}]})
 
-    with pytest.raises(MigrationError, match="x-ignore-shared") as err:
-        await guest.migrate(MigrationOptions(before_switch=mismatch))
+    with (injected(before_switch=mismatch),
+          pytest.raises(MigrationError, match="x-ignore-shared") as err):
+        await guest.migrate(MigrationOptions())
     assert err.value.source_resumed
     await assert_source_healthy(guest, src)
 

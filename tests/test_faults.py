@@ -23,8 +23,9 @@ import pytest
 
 from vmbeam_kvm import Guest, Host, MigrationMode, MigrationOptions, VmbeamError
 from vmbeam_kvm.agent.protocol import AgentClient
-from vmbeam_kvm.migration import ram_fd_of
-from vmbeam_kvm.nested import lab_network
+from vmbeam_kvm.lab import lab_network
+from vmbeam_kvm.migrate.faults import injected
+from vmbeam_kvm.migrate.routes import ram_fd_of
 from vmbeam_kvm.qemu.process import QemuProcess
 from vmbeam_kvm.region import read_identity_of
 from vmbeam_kvm.store import GuestState
@@ -156,6 +157,7 @@ async def _inject(g: Guest, cell: Cell) -> int:
         os.kill(proc.pid, signal.SIGKILL)
 
     strike: Callable[[QemuProcess], Awaitable[None]] | None = None
+    hooks: dict[str, Any] = {}
     target = {"dst-killed": "dst", "src-killed": "src", "src-cancel": "src"}.get(cell.what)
     if cell.what == "dst-start-fails":
         opts.qemu = "/bin/false"
@@ -163,11 +165,9 @@ async def _inject(g: Guest, cell: Cell) -> int:
         async def strike_at(dst: QemuProcess) -> None:
             await kill(dst if target == "dst" else src)
         strike = strike_at
-        if cell.when == "prepare":
-            opts.before_switch = strike
-        else:
-            opts.after_switch = strike
-    task = asyncio.create_task(g.migrate(opts))
+        hooks["before_switch" if cell.when == "prepare" else "after_switch"] = strike
+    with injected(**hooks):
+        task = asyncio.create_task(g.migrate(opts))
     if cell.when == "mid-stream":
         await _wait_streaming(src.execute)
         if cell.what == "src-cancel":
@@ -359,7 +359,8 @@ async def _nested_strike(host: Host, cell: Cell, name: str, src_vm: str, dst_vm:
         hooks["before_switch"] = act
     elif cell.when == "confirm":
         hooks["after_switch"] = act
-    task = asyncio.create_task(host.cloud.migrate(name, dst_vm, cell.mode, **hooks))
+    with injected(**hooks):
+        task = asyncio.create_task(host.cloud.migrate(name, dst_vm, cell.mode))
     if cell.when == "mid-stream":
         await _wait_streaming(functools.partial(src_agent.qmp, name))
         await act(host.cloud.agent(host.cloud.vm(dst_vm)))

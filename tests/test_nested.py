@@ -19,6 +19,7 @@ import pytest
 
 from vmbeam_kvm import GuestBusyError, Host, MigrationError
 from vmbeam_kvm.agent.protocol import AgentClient
+from vmbeam_kvm.migrate.faults import injected
 
 from .conftest import REPO, attached, cli, run_cli, settings_of
 
@@ -119,8 +120,8 @@ async def test_migration_stream_needs_the_key(lab: dict[str, Any], nested_guest:
             await src_agent.call("migration_tls", name=nested_guest, endpoint="client",
                                  key="00" * 32)
 
-        with pytest.raises(MigrationError) as err:
-            await host.cloud.migrate(nested_guest, "l1b", before_switch=wrong_key)
+        with pytest.raises(MigrationError) as err, injected(before_switch=wrong_key):
+            await host.cloud.migrate(nested_guest, "l1b")
         assert err.value.source_resumed and "TLS handshake failed" in str(err.value)
         rec = host.store.get_guest(nested_guest)
         assert rec.cloud_vm == "l1a"

@@ -116,7 +116,7 @@ class _FakeSource:
 async def test_resume_source_rule(status: str, outgoing: bool, started: bool,
                                   never_ran: bool, resumed: bool) -> None:
     from vmbeam_kvm import MigrationError
-    from vmbeam_kvm.migration import resume_source
+    from vmbeam_kvm.migrate.handover import resume_source
     src = _FakeSource(status, outgoing, "postmigrate" if started else "running")
     if resumed:
         await resume_source(src.execute, "g", switch_started=started, dest_never_ran=never_ran)
@@ -126,3 +126,42 @@ async def test_resume_source_rule(status: str, outgoing: bool, started: bool,
             await resume_source(src.execute, "g", switch_started=started,
                                 dest_never_ran=never_ran)
         assert "cont" not in src.sent
+
+
+# The recovery decision table: every combination of what the two ends report and the
+# journaled phase, against the table in vmbeam_kvm.migrate.recovery.decide's docstring.
+_BEFORE = ("share", "prepare")
+_AFTER = ("switch", "confirm", "relocate")
+
+
+@pytest.mark.parametrize("phase", _BEFORE + _AFTER)
+@pytest.mark.parametrize("src_alive", [True, False, None], ids=["src-up", "src-gone", "src-?"])
+@pytest.mark.parametrize("dest", ["running", "incoming", "gone", "unknown"])
+def test_recovery_decision_table(phase: str, src_alive: bool | None, dest: str) -> None:
+    from vmbeam_kvm.migrate.recovery import DestSeen, Verdict, decide
+    d = decide(MigrationPhase(phase), src_alive, DestSeen(dest))
+    if dest == "running":
+        assert d.verdict is Verdict.KEEP_DEST  # the switch happened: never resume the source
+    elif dest == "unknown" or src_alive is None:
+        assert d.verdict is Verdict.NEEDS_ACTION
+    elif not src_alive:
+        assert d.verdict is Verdict.LOST
+    else:
+        assert d.verdict is Verdict.RESUME_SOURCE
+        # Only a run that reached the switch can have handed over; a destination seen
+        # waiting for its stream never ran, whatever the source reports.
+        assert d.switch_started == (phase in _AFTER)
+        assert d.dest_never_ran == (dest == "incoming")
+
+
+def test_agent_imports_without_l0_dependencies() -> None:
+    """The agent runs in a cloud VM that has python3 and qemu.qmp but not pyroute2, click
+    or cffi: importing it (and so the package's __init__) must not need them."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "for m in ('pyroute2', 'click', 'cffi', 'matplotlib'): sys.modules[m] = None\n"
+            "import vmbeam_kvm.agent.server\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr

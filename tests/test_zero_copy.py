@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import pytest
 
-from vmbeam_kvm import Guest, Host, MigrationMode, MigrationOptions
+from vmbeam_kvm import Guest, Host, MigrationMode, MigrationOptions, ProgressEvent
 from vmbeam_kvm.accel import probe_kvm, resolve_accel
 from vmbeam_kvm.config import Accel
 from vmbeam_kvm.qemu.machine import RamBackend
@@ -60,8 +61,14 @@ async def test_back_and_forth_five_times(guest: Guest) -> None:
 
 async def test_precopy_copies_ram(guest: Guest) -> None:
     region_before = guest.record.region_id
-    res = await guest.migrate(MigrationOptions(mode=MigrationMode.PRECOPY))
+    events: list[ProgressEvent] = []
+    res = await guest.migrate(MigrationOptions(mode=MigrationMode.PRECOPY,
+                                               progress=events.append))
     assert res.status == "completed" and res.guest_ok
+    # Progress: RAM figures while streaming, from QEMU's own query-migrate.
+    ram = [e for e in events if e.kind == "ram"]
+    assert ram and all(e.phase == "switch" and e.ram_total >= 256 * MiB for e in ram)
+    assert [e.ram_transferred for e in ram] == sorted(e.ram_transferred for e in ram)
     # At least the touched 70 % of 256 MiB went over the socket.
     assert res.ram_transferred_bytes >= 0.7 * 256 * MiB
     assert res.shared_frames_ratio is None
@@ -69,6 +76,19 @@ async def test_precopy_copies_ram(guest: Guest) -> None:
     # ...and can go zero-copy from there.
     res2 = await guest.migrate(MigrationOptions(mode=MigrationMode.ZERO_COPY))
     assert res2.guest_ok and res2.ram_transferred_bytes < MiB
+
+
+async def test_progress_events_follow_the_phases(guest: Guest) -> None:
+    events: list[ProgressEvent] = []
+    res = await guest.migrate(MigrationOptions(progress=events.append))
+    phases = [e for e in events if e.kind == "phase"]
+    assert [e.phase for e in phases] == ["share", "prepare", "switch", "confirm", "relocate",
+                                         "done"]
+    # Each event carries the time of the phase before it: the result's own figures.
+    assert phases[0].last_phase_ms is None
+    assert {p.phase: n.last_phase_ms for p, n in itertools.pairwise(phases)
+            } == res.phases_ms
+    assert [e.elapsed_ms for e in phases] == sorted(e.elapsed_ms for e in phases)
 
 
 async def test_cpr_transfer_peer(host: Host) -> None:

@@ -20,13 +20,19 @@ from .errors import (
 )
 from .guest import Guest, GuestStatus
 from .host import Host
-from .migration import MigrationMode, MigrationOptions, MigrationResult
-from .nested import NestedResult
+from .migrate.model import (
+    MigrationMode,
+    MigrationOptions,
+    MigrationResult,
+    NestedResult,
+    ProgressEvent,
+)
 from .region import BeamRegion
 
 __all__ = [
     "Accel", "BadInputError", "BeamRegion", "DuplicateGuestError", "Guest", "GuestBusyError",
     "GuestLostError", "GuestStatus", "Host", "LaunchError", "MigrationError", "MigrationMode",
-    "MigrationOptions", "MigrationResult", "NestedResult", "QMPCommandError", "RegionError",
-    "RegionMismatchError", "Settings", "UnknownGuestError", "UnsafeStateError", "VmbeamError",
+    "MigrationOptions", "MigrationResult", "NestedResult", "ProgressEvent", "QMPCommandError",
+    "RegionError", "RegionMismatchError", "Settings", "UnknownGuestError", "UnsafeStateError",
+    "VmbeamError",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .host import Host
-from .migration import MigrationMode, MigrationOptions, MigrationResult
+from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
 from .qemu.machine import RamBackend
 from .units import format_size
 
@@ -206,7 +206,7 @@ async def bench_nested(host: Host, sizes: Sequence[int], *, cloud_vms: tuple[str
                     row.results.append(res)
                     progress(f"{format_size(size)} {mode.value} #{i + 1} -> {to}: "
                              f"{res.total_ms:.0f} ms, downtime {res.downtime_ms} ms, "
-                             f"{res.network_bytes / 1e6:.1f} MB on the wire, L0 CPU "
+                             f"{(res.network_bytes or 0) / 1e6:.1f} MB on the wire, L0 CPU "
                              f"{res.l0_cpu_seconds:.1f} s, ok={res.guest_ok}")
         finally:
             await host.stop_guest(name, missing_ok=True)

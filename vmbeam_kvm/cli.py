@@ -27,7 +27,7 @@ from .cloudvm import CLOUD_VM_CPUS
 from .config import Accel, Settings
 from .errors import BadInputError, LaunchError, VmbeamError
 from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory
-from .migration import MigrationMode, MigrationOptions
+from .migrate.model import MigrationMode, MigrationOptions, ProgressEvent
 from .store import GuestState
 from .units import check_name, format_size, parse_percent, parse_size
 
@@ -37,6 +37,47 @@ T = TypeVar("T")
 
 def _progress(msg: str) -> None:
     click.echo(f"vmbeam-kvm: {msg}", err=True)
+
+
+class _MoveProgress:
+    """Renders a move's progress events on stderr, like ``virsh migrate --verbose``: each
+    phase with its time, and a progress bar while precopy streams RAM."""
+
+    def __init__(self) -> None:
+        self._phase: str | None = None
+        self._bar = False
+        self._tty = sys.stderr.isatty()
+        self._last_bar = 0.0
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if ev.kind == "phase":
+            self._end_bar()
+            if self._phase is not None and ev.last_phase_ms is not None:
+                click.echo(f"vmbeam-kvm:   {self._phase:<9} {ev.last_phase_ms:10.1f} ms",
+                           err=True)
+            self._phase = None if ev.phase == "done" else ev.phase
+        elif ev.kind == "ram" and ev.ram_total:
+            if not self._tty and ev.elapsed_ms - self._last_bar < 1000:
+                return
+            self._last_bar = ev.elapsed_ms
+            done = max(0, min(ev.ram_total, ev.ram_total - ev.ram_remaining))
+            pct = 100 * done // ev.ram_total
+            bar = "#" * (pct // 4)
+            est = ("" if ev.expected_downtime_ms is None
+                   else f", expected downtime {ev.expected_downtime_ms} ms")
+            line = (f"vmbeam-kvm: RAM [{bar:<25}] {pct:3d} %  {ev.ram_transferred >> 20} MiB "
+                    f"sent, {ev.ram_remaining >> 20} MiB left, dirty {ev.dirty_rate} pages/s"
+                    f"{est}")
+            if self._tty:
+                click.echo("\r" + line, err=True, nl=False)
+                self._bar = True
+            else:
+                click.echo(line, err=True)
+
+    def _end_bar(self) -> None:
+        if self._bar:
+            click.echo("", err=True)
+            self._bar = False
 
 
 def _emit(as_json: bool, data: Any, human: str) -> None:
@@ -118,6 +159,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 def main(ctx: click.Context, state_dir: str | None, accel: str | None, verbose: bool) -> None:
     """vmbeam-kvm: move running guests between co-located VMs without copying their RAM."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.CRITICAL)
+    ctx.meta["vmbeam.verbose"] = verbose
     if state_dir == "":
         # Path("") is the current directory: never what an empty value means.
         raise BadInputError("--state-dir is empty")
@@ -242,12 +284,20 @@ async def guest_stop(ctx: click.Context, name: str, as_json: bool) -> None:
               help="auto: zero-copy when the memory can be shared, else precopy.")
 @click.option("--qemu", help="QEMU binary for the destination (live update).")
 @click.option("--timeout", type=float, help="Seconds allowed before the switch (--local).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show progress on stderr even with --json (phases, RAM streamed).")
 @json_option
 @click.pass_context
 @command
 async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mode: str,
-                  qemu: str | None, timeout: float | None, as_json: bool) -> None:
-    """Migrate guest NAME without copying its RAM (or by precopy)."""
+                  qemu: str | None, timeout: float | None, verbose: bool,
+                  as_json: bool) -> None:
+    """Migrate guest NAME without copying its RAM (or by precopy).
+
+    Progress goes to stderr: each phase with its time, and a bar while precopy streams
+    RAM (quiet with --json unless -v)."""
+    show = verbose or bool(ctx.meta.get("vmbeam.verbose")) or not as_json
+    progress = _MoveProgress() if show else None
     if local == (to is not None):
         raise BadInputError("say where to: --local (a new QEMU process on this host) or "
                             "--to CLOUD_VM")
@@ -270,8 +320,9 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
             # A cross-tenant request is refused (and logged) by the migration itself.
             if host.cloud.vm(to).tenant == rec.tenant:
                 _progress(f"migrating {name} ({mode}) to cloud VM {to}")
-            nres = await host.cloud.migrate(name, to, None if mode == "auto"
-                                            else MigrationMode(mode))
+            nopts = MigrationOptions(mode=MigrationMode.ZERO_COPY if mode == "auto"
+                                     else MigrationMode(mode), progress=progress)
+            nres = await host.cloud.migrate(name, to, options=nopts)
             _emit(as_json, nres.to_json(),
                   f"{name}: {nres.mode} {nres.source_cloud_vm} -> {nres.dest_cloud_vm} in "
                   f"{nres.total_ms:.1f} ms (downtime {nres.downtime_ms} ms), "
@@ -280,7 +331,8 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
             return
         if mode == "auto":
             mode = MigrationMode.ZERO_COPY.value
-        opts = MigrationOptions(mode=MigrationMode(mode), qemu=qemu, timeout=timeout)
+        opts = MigrationOptions(mode=MigrationMode(mode), qemu=qemu, timeout=timeout,
+                                progress=progress)
         host.check_migration(name, opts)
         _progress(f"migrating {name} ({mode}) to a new local QEMU")
         res = await host.migrate(name, opts)
@@ -308,7 +360,7 @@ def cloud_vm() -> None:
 async def cloud_vm_start(ctx: click.Context, name: str, tenant: str, memory: str, cpus: int,
                          as_json: bool) -> None:
     """Boot cloud VM NAME on the lab network and wait for its agent."""
-    from .nested import lab_network
+    from .lab import lab_network
     settings = _settings(ctx)
     check_name(name, "cloud VM name", CLOUD_VM_NAME_MAX)
     settings.check_lab()
@@ -364,7 +416,7 @@ def lab() -> None:
 @command
 async def lab_up(ctx: click.Context, as_json: bool) -> None:
     """Build the lab network and boot its cloud VMs."""
-    from .nested import lab_up as do_lab_up
+    from .lab import lab_up as do_lab_up
     settings = _settings(ctx)
     settings.check_lab()
     async with Host(settings) as host:
@@ -382,7 +434,7 @@ async def lab_up(ctx: click.Context, as_json: bool) -> None:
 @command
 async def lab_down(ctx: click.Context, as_json: bool) -> None:
     """Stop every guest and cloud VM, remove the lab network."""
-    from .nested import lab_down as do_lab_down
+    from .lab import lab_down as do_lab_down
     async with Host(_settings(ctx)) as host:
         await do_lab_down(host)
     _emit(as_json, {"status": "down"}, "lab down")
@@ -491,7 +543,7 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
                            plot_path: Path | None, as_json: bool) -> None:
     """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed)."""
     from .bench import bench_nested
-    from .nested import DEFAULT_LAB, lab_network
+    from .lab import DEFAULT_LAB, lab_network
     size_list = _bench_sizes(sizes, in_cloud_vm=True)
     pct = parse_percent(touch)
     _check_plot_path(plot_path)
@@ -512,7 +564,7 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
                 with contextlib.suppress(VmbeamError):
                     await host.cloud.stop_cloud_vm(n)
             if started and not host.store.cloud_vms():
-                await asyncio.to_thread(net.destroy)
+                await net.destroy()
     if plot_path is not None:
         plot(rows, plot_path, "vmbeam-kvm: L2 migration between co-located cloud VMs")
     _emit(as_json, [r.to_json() for r in rows], markdown_table(rows))

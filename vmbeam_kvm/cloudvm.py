@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import qemu.qmp
 
-from .agent.protocol import PORT_NAME, AgentClient, AgentError
-from .config import REPO_ROOT
-from .errors import BadInputError, LaunchError, QMPCommandError, RegionError
+from .agent.protocol import PORT_NAME, AgentClient
+from .config import CLOUD_VM_BOOT_TIMEOUT, REGION_EJECT_TIMEOUT, REPO_ROOT
+from .errors import AgentError, BadInputError, LaunchError, QMPCommandError, RegionError
 from .qemu.process import ProcessRef, QemuProcess
 from .region import BeamRegion, read_identity_of
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 ROOT_PORTS = 4            # hot-plug slots: at most this many regions per cloud VM
 ROOT_PORT_WINDOW = "16G"  # prefetchable 64-bit window per port (largest region)
 # Seen here: 25-37 s for three cloud VMs booting at once on 2 busy cores (TCG).
-BOOT_TIMEOUT = 120.0
+BOOT_TIMEOUT = CLOUD_VM_BOOT_TIMEOUT
 
 
 class CloudVMState(StrEnum):
@@ -284,7 +284,7 @@ async def _unrecorded_attachment(proc: QemuProcess, region_id: str) -> dict[str,
 
 
 async def detach_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str,
-                        timeout: float = 60.0) -> None:
+                        timeout: float = REGION_EJECT_TIMEOUT) -> None:
     """Hot-unplug a region: device_del (the L1 ejects it), object-del, remove-fd."""
     att = rec.attachments.get(region_id)
     if att is None and proc.alive():
@@ -296,7 +296,7 @@ async def detach_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str,
         try:
             await proc.execute("device_del", {"id": att["dev"]})
         except QMPCommandError as exc:
-            if "not found" not in str(exc).lower():
+            if exc.error_class != "DeviceNotFound":
                 raise
         else:
             deadline = time.monotonic() + timeout

@@ -119,3 +119,28 @@ class Settings:
             raise BadInputError(f"QEMU binary {name!r} not found (install qemu-system-x86 or "
                                 f"pass an existing path)")
         return path
+
+
+# ---- Tunables: every timeout, rate and range in one place ---------------------------------
+# Precopy: QEMU's 128 MiB/s default bandwidth is far too low for a move on one host.
+PRECOPY_MAX_BANDWIDTH = 64 << 30
+# From `migrate` to the source's `completed`: zero-copy and cpr-transfer move only device
+# state; precopy gets a base plus a share per GiB of guest RAM.
+HANDOVER_TIMEOUT = {"local": 30.0, "cloud-vm": 60.0}
+PRECOPY_TIMEOUT = {"local": (60.0, 30.0), "cloud-vm": (120.0, 120.0)}  # (base, per GiB)
+# After the source completed: how long the destination may take to report `running`.
+CONFIRM_TIMEOUT = 30.0
+# Crash recovery: how long a destination seen `inmigrate` may take to settle.
+SETTLE_TIMEOUT = 10.0
+# Nested precopy: a TCG guest dirties pages faster than the L1-L1 link carries them.
+NESTED_DOWNTIME_LIMIT_MS = 500
+# Cloud VMs: boot deadline (then restarted once), eject deadline of a hot-unplugged region,
+# how long a command waits for an agent channel another command holds, default call limit.
+CLOUD_VM_BOOT_TIMEOUT = 120.0
+REGION_EJECT_TIMEOUT = 60.0
+AGENT_LOCK_WAIT = 180.0
+AGENT_CALL_TIMEOUT = 60.0
+# Lab addresses (host indexes in the lab subnet): cloud VMs count up from .2, guests in
+# cloud VMs from .100, both up to .250.
+LAB_CLOUD_VM_HOSTS = range(1, 250)
+LAB_GUEST_HOSTS = range(99, 250)

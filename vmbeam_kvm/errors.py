@@ -42,7 +42,36 @@ class LaunchError(VmbeamError):
 
 
 class QMPCommandError(VmbeamError):
-    """A QMP command failed or the QMP connection broke."""
+    """A QMP command failed or the QMP connection broke.
+
+    ``command`` is the QMP command; ``error_class`` is QEMU's own class of the failure
+    (``GenericError``, ``CommandNotFound``, ``DeviceNotFound``...) when QEMU answered with an
+    error, and "" when the command never got an answer (``disconnected`` then tells whether
+    the QMP connection broke). Callers decide on these fields, never on the message text.
+    """
+
+    def __init__(self, message: str, *, command: str = "", error_class: str = "",
+                 disconnected: bool = False) -> None:
+        super().__init__(message)
+        self.command = command
+        self.error_class = error_class
+        self.disconnected = disconnected
+
+
+class AgentError(VmbeamError):
+    """A cloud VM's agent refused a request, failed it, or could not be reached.
+
+    ``remote_type`` is the class name of the error the agent raised (e.g.
+    ``BadInputError`` for "no such guest"), "" when the agent did not answer.
+    """
+
+    def __init__(self, message: str, remote_type: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+
+
+class NetworkError(VmbeamError):
+    """A lab network (namespace, bridge, tap) could not be built or changed."""
 
 
 class RegionError(VmbeamError):
@@ -72,6 +101,12 @@ class MigrationError(VmbeamError):
 class GuestLostError(VmbeamError):
     """Every copy of the guest died (e.g. its source QEMU was killed mid-migration): nothing
     runs and nothing could run twice; the guest is recorded ``lost``."""
+
+
+class Rollback(VmbeamError):
+    """Internal to the migration engine: the move failed before the switch could have
+    happened; the engine rolls back to the source and raises a :class:`MigrationError`
+    (or :class:`GuestLostError`) instead. Never escapes the package."""
 
 
 class UnsafeStateError(VmbeamError):

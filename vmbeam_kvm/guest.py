@@ -1,60 +1,51 @@
-"""Guests: the L2 virtual machines vmbeam-kvm runs and moves, and their status.
+"""Guests: the L2 virtual machines vmbeam-kvm runs and moves.
 
 A :class:`Guest` is a handle on a guest recorded in the state store; the QEMU process behind
-it changes with every migration, and may run on this host or inside a cloud VM (then every
-call goes through that cloud VM's agent). As an async context manager it stops the guest on
-exit (unless :meth:`Guest.detach` was called), so scripts never leak guests.
+it changes with every move, and runs on this host or inside a cloud VM — the handle asks the
+guest's placement (:mod:`vmbeam_kvm.placement`) either way. As an async context manager it
+stops the guest on exit (unless :meth:`Guest.detach` was called), so scripts never leak
+guests.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from .config import Settings
 from .errors import BadInputError, LaunchError, QMPCommandError
-from .heartbeat import Heartbeat, read_status, wait_for_heartbeat
-from .store import GuestRecord, GuestState
-
-if TYPE_CHECKING:
-    from .host import Host
-    from .migration import MigrationMode, MigrationOptions, MigrationResult
-    from .nested import NestedResult
+from .heartbeat import Heartbeat, read_status
+from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
+from .placement import GuestStatus, Placement
+from .store import GuestRecord, GuestState, Store
 
 
-@dataclass(frozen=True)
-class GuestStatus:
-    """A guest's recorded state, its QEMU's run state and its latest heartbeat."""
+class GuestOwner(Protocol):
+    """What a :class:`Guest` needs of the host that owns it (the façade's own API)."""
 
-    name: str
-    state: str
-    image: str
-    memory_bytes: int
-    touch_percent: int
-    accel: str
-    pid: int
-    alive: bool
-    run_state: str | None
-    booted: bool
-    ready: bool
-    heartbeat: Heartbeat | None
-    memory_ok: bool | None
-    region_id: str
-    instance: int
-    serial_log: str
-    cloud_vm: str = ""
-    tenant: str = ""
-    ip: str = ""
+    settings: Settings
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def store(self) -> Store: ...
+
+    def placement(self, rec: GuestRecord) -> Placement: ...
+
+    async def status(self, name: str) -> GuestStatus: ...
+
+    async def migrate(self, name: str, options: MigrationOptions | None = None
+                      ) -> MigrationResult: ...
+
+    async def move(self, name: str, to: str, mode: MigrationMode | None = None
+                   ) -> MigrationResult: ...
+
+    async def stop_guest(self, name: str, *, missing_ok: bool = False) -> None: ...
 
 
 class Guest:
     """Handle on one guest of a :class:`~vmbeam_kvm.host.Host`."""
 
-    def __init__(self, host: Host, name: str) -> None:
+    def __init__(self, host: GuestOwner, name: str) -> None:
         self.host = host
         self.name = name
         self._detached = False
@@ -71,7 +62,8 @@ class Guest:
         return await self.host.status(self.name)
 
     async def wait_ready(self, timeout: float = 120.0) -> Heartbeat:
-        """Wait for the guest's first heartbeat (its memory is filled by then)."""
+        """Wait for the guest's first heartbeat (its memory is filled by then); raises
+        LaunchError when none comes within ``timeout``."""
         hb = await self.wait_heartbeat(-1, timeout)
         if hb is None:
             st = await self.status()
@@ -82,13 +74,11 @@ class Guest:
     async def wait_heartbeat(self, after_seq: int, timeout: float = 30.0) -> Heartbeat | None:
         """The first heartbeat newer than ``after_seq``, or None after ``timeout``."""
         rec = self.record
-        if rec.cloud_vm:
-            return await self.host.cloud.wait_heartbeat(rec, after_seq, timeout)
-        return await wait_for_heartbeat(self.serial_path, after_seq=after_seq, timeout=timeout)
+        return await self.host.placement(rec).wait_heartbeat(rec, after_seq, timeout)
 
     def heartbeat(self) -> Heartbeat | None:
         """The latest heartbeat in the serial log (guests on this host; for a guest in a
-        cloud VM use ``(await guest.status()).heartbeat``)."""
+        cloud VM use ``(await guest.status()).heartbeat``); BadInputError otherwise."""
         if self.record.cloud_vm:
             raise BadInputError(f"guest {self.name!r} runs in a cloud VM: its serial log is "
                                 f"there; use status()")
@@ -96,22 +86,21 @@ class Guest:
 
     async def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Run a QMP command on the QEMU that currently runs the guest (through the cloud
-        VM's agent when it runs in one)."""
+        VM's agent when it runs in one); raises QMPCommandError (AgentError in a cloud
+        VM) when it fails."""
         rec = self.record
         if rec.state not in (GuestState.RUNNING, GuestState.MIGRATING):
-            raise QMPCommandError(f"guest {self.name!r} is {rec.state.value}")
-        if rec.cloud_vm:
-            cloud = self.host.cloud
-            return await cloud.agent(cloud.vm(rec.cloud_vm)).qmp(self.name, cmd, args)
-        return await self.host.process(rec).execute(cmd, args)
+            raise QMPCommandError(f"guest {self.name!r} is {rec.state.value}", command=cmd)
+        return await self.host.placement(rec).qmp(rec, cmd, args)
 
     async def migrate(self, options: MigrationOptions | None = None) -> MigrationResult:
         """Move a guest of this host to a new QEMU on this host."""
         return await self.host.migrate(self.name, options)
 
-    async def move_to(self, cloud_vm: str, mode: MigrationMode | None = None) -> NestedResult:
+    async def move_to(self, cloud_vm: str, mode: MigrationMode | None = None
+                      ) -> MigrationResult:
         """Move a guest in a cloud VM to cloud VM ``cloud_vm`` (``mode`` None = auto)."""
-        return await self.host.cloud.migrate(self.name, cloud_vm, mode)
+        return await self.host.move(self.name, cloud_vm, mode)
 
     async def stop(self) -> None:
         await self.host.stop_guest(self.name)
@@ -130,3 +119,6 @@ class Guest:
 
     def __repr__(self) -> str:
         return f"Guest({self.name!r})"
+
+
+__all__ = ["Guest", "GuestOwner", "GuestStatus"]

@@ -2,24 +2,52 @@
 
 Cloud VMs (L1) talk to each other only over such a bridge; nothing is attached to the host's
 own interfaces, and the namespace is the unit of cleanup (removing it removes the bridge and
-every tap). Built with pyroute2.
+every tap). Built on pyroute2's asyncio API: every link and address operation is a coroutine
+over an :class:`pyroute2.AsyncIPRoute` opened in the namespace, run on the caller's event loop.
+Only creating and removing the namespace itself runs in a worker thread, as pyroute2 has no
+async form of those. (pyroute2 still forks a short-lived child, synchronously, to open each
+socket in the namespace and to create a tap: a stall of some 10-15 ms per call.) Failures
+raise :class:`~vmbeam_kvm.errors.NetworkError` naming the namespace (and interface).
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import errno
 import ipaddress
+import socket
 from dataclasses import dataclass
+from typing import Any
 
-from pyroute2 import NetNS, netns
+from pyroute2 import AsyncIPRoute, NetlinkError, netns
 
-from .errors import BadInputError, VmbeamError
+from .errors import BadInputError, NetworkError
 
 BRIDGE = "br0"
+IFNAMSIZ = 16  # the kernel's limit on an interface name, including its NUL
 
 
-class NetworkError(VmbeamError):
-    """A lab network could not be built or changed."""
+def _check_ifname(ifname: str) -> None:
+    # pyroute2 reports a failed tuntap creation as success: refuse a name the kernel would
+    # refuse (too long, or with '/' or blanks), with our own message, before trying.
+    if (not 0 < len(ifname.encode()) < IFNAMSIZ or ifname in (".", "..")
+            or any(c == "/" or c.isspace() for c in ifname)):
+        raise NetworkError(f"invalid interface name {ifname!r}")
+
+
+async def _index(ipr: Any, ifname: str) -> int | None:
+    """The index of link ``ifname`` in ``ipr``'s namespace, None if there is none."""
+    found = await ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+async def _add_link(ipr: Any, **spec: Any) -> None:
+    """``ip link add``, where another process creating the same link first is no failure."""
+    try:
+        await ipr.link("add", **spec)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
 
 
 @dataclass(frozen=True)
@@ -45,51 +73,149 @@ class LabNetwork:
         return f"{addr}/{self.network.prefixlen}"
 
     def exists(self) -> bool:
+        """Whether the namespace exists (a look at /run/netns: cheap, never blocks)."""
         return self.ns in netns.listnetns()
 
-    def create(self) -> None:
-        """Create the namespace and its bridge (idempotent)."""
+    def _ipr(self) -> Any:
+        # flags=0: pyroute2's default (O_CREAT) would quietly create a missing namespace.
+        return AsyncIPRoute(netns=self.ns, flags=0)
+
+    async def create(self) -> None:
+        """Create the namespace and its bridge, with the gateway address, up (idempotent)."""
         if not self.exists():
-            netns.create(self.ns)
+            try:
+                # pyroute2 has no async netns creation: netns.create forks a child (unshare
+                # and bind mount) and waits for it, so it runs off the event loop.
+                await asyncio.to_thread(netns.create, self.ns)
+            except FileExistsError:
+                pass  # another process created it meanwhile
+            except Exception as exc:
+                raise NetworkError(f"creating network namespace {self.ns}: {exc}") from exc
+        prefixlen = self.network.prefixlen
         try:
-            with NetNS(self.ns) as ns:
-                if not ns.link_lookup(ifname=BRIDGE):
-                    ns.link("add", ifname=BRIDGE, kind="bridge")
-                br = ns.link_lookup(ifname=BRIDGE)[0]
-                if not ns.get_addr(index=br):
-                    ns.addr("add", index=br, address=self.gateway,
-                            prefixlen=self.network.prefixlen)
-                ns.link("set", index=br, state="up")
-                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            async with self._ipr() as ipr:
+                br = await _index(ipr, BRIDGE)
+                if br is None:
+                    await _add_link(ipr, ifname=BRIDGE, kind="bridge")
+                    br = await _index(ipr, BRIDGE)
+                if br is None:
+                    raise NetworkError(f"bridge {BRIDGE} in namespace {self.ns} was not "
+                                       f"created")
+                have = {(str(a.get("address")), int(a["prefixlen"]))
+                        async for a in await ipr.get_addr(family=socket.AF_INET, index=br)}
+                if (self.gateway, prefixlen) not in have:
+                    try:
+                        await ipr.addr("add", index=br, address=self.gateway,
+                                       prefixlen=prefixlen)
+                    except NetlinkError as exc:
+                        if exc.code != errno.EEXIST:
+                            raise
+                await ipr.link("set", index=br, state="up")
+                lo = await _index(ipr, "lo")
+                if lo is not None:
+                    await ipr.link("set", index=lo, state="up")
+        except NetworkError:
+            raise
         except Exception as exc:
-            raise NetworkError(f"building lab network {self.ns}: {exc}") from exc
+            raise NetworkError(f"building bridge {BRIDGE} in namespace {self.ns}: "
+                               f"{exc}") from exc
 
-    def add_tap(self, ifname: str) -> None:
-        """Create tap ``ifname`` in the namespace, enslaved to the bridge."""
+    async def add_tap(self, ifname: str) -> None:
+        """Create tap ``ifname`` in the namespace, enslaved to the bridge and up (idempotent)."""
+        _check_ifname(ifname)
+        where = f"tap {ifname} in namespace {self.ns}"
+        if not self.exists():
+            raise NetworkError(f"creating {where}: the namespace does not exist")
         try:
-            with NetNS(self.ns) as ns:
-                if not ns.link_lookup(ifname=ifname):
-                    ns.link("add", ifname=ifname, kind="tuntap", mode="tap")
-                tap = ns.link_lookup(ifname=ifname)[0]
-                ns.link("set", index=tap, master=ns.link_lookup(ifname=BRIDGE)[0], state="up")
+            async with self._ipr() as ipr:
+                br = await _index(ipr, BRIDGE)
+                if br is None:
+                    raise NetworkError(f"creating {where}: there is no bridge {BRIDGE}")
+                tap = await _index(ipr, ifname)
+                if tap is None:
+                    await _add_link(ipr, ifname=ifname, kind="tuntap", mode="tap")
+                    # pyroute2 reports a failed tuntap creation as success: look.
+                    tap = await _index(ipr, ifname)
+                    if tap is None:
+                        raise NetworkError(f"creating {where}: the kernel did not create it")
+                await ipr.link("set", index=tap, master=br, state="up")
+        except NetworkError:
+            raise
         except Exception as exc:
-            raise NetworkError(f"creating tap {ifname} in {self.ns}: {exc}") from exc
+            raise NetworkError(f"creating {where}: {exc}") from exc
 
-    def remove_tap(self, ifname: str) -> None:
+    async def remove_tap(self, ifname: str) -> None:
+        """Remove tap ``ifname``; a missing tap or namespace is no failure."""
+        _check_ifname(ifname)
         if not self.exists():
             return
-        with NetNS(self.ns) as ns, contextlib.suppress(Exception):
-            for idx in ns.link_lookup(ifname=ifname):
-                ns.link("del", index=idx)
+        try:
+            async with self._ipr() as ipr:
+                for idx in await ipr.link_lookup(ifname=ifname):
+                    try:
+                        await ipr.link("del", index=idx)
+                    except NetlinkError as exc:
+                        if exc.code != errno.ENODEV:  # gone meanwhile
+                            raise
+        except FileNotFoundError:
+            if self.exists():
+                raise NetworkError(f"removing tap {ifname} in namespace {self.ns}: "
+                                   f"cannot enter the namespace") from None
+        except Exception as exc:
+            raise NetworkError(f"removing tap {ifname} in namespace {self.ns}: {exc}") from exc
 
-    def taps(self) -> list[str]:
+    async def taps(self) -> list[str]:
+        """Names of the namespace's interfaces other than ``lo`` and the bridge."""
         if not self.exists():
             return []
-        with NetNS(self.ns) as ns:
-            return [str(link.get("ifname")) for link in ns.get_links()
-                    if link.get("ifname") not in ("lo", BRIDGE)]
+        try:
+            async with self._ipr() as ipr:
+                return [str(link.get("ifname")) async for link in await ipr.get_links()
+                        if link.get("ifname") not in ("lo", BRIDGE)]
+        except FileNotFoundError:
+            if self.exists():
+                raise NetworkError(f"listing interfaces in namespace {self.ns}: cannot enter "
+                                   f"the namespace") from None
+            return []
+        except Exception as exc:
+            raise NetworkError(f"listing interfaces in namespace {self.ns}: {exc}") from exc
 
-    def destroy(self) -> None:
-        """Remove the namespace: the bridge and every tap go with it."""
-        if self.exists():
-            netns.remove(self.ns)
+    async def link_bytes(self, ifname: str) -> int:
+        """rx_bytes + tx_bytes of interface ``ifname`` in the namespace (IFLA_STATS64); 0 when
+        the interface or the namespace does not exist."""
+        _check_ifname(ifname)
+        if not self.exists():
+            return 0
+        try:
+            async with self._ipr() as ipr:
+                try:
+                    links = await ipr.link("get", ifname=ifname)
+                except NetlinkError as exc:
+                    if exc.code == errno.ENODEV:
+                        return 0
+                    raise
+                for link in links:
+                    stats = link.get("IFLA_STATS64")
+                    if stats:
+                        return int(stats["rx_bytes"]) + int(stats["tx_bytes"])
+                return 0
+        except FileNotFoundError:
+            if self.exists():
+                raise NetworkError(f"reading counters of {ifname} in namespace {self.ns}: "
+                                   f"cannot enter the namespace") from None
+            return 0
+        except Exception as exc:
+            raise NetworkError(f"reading counters of {ifname} in namespace {self.ns}: "
+                               f"{exc}") from exc
+
+    async def destroy(self) -> None:
+        """Remove the namespace: the bridge and every tap go with it (idempotent)."""
+        if not self.exists():
+            return
+        try:
+            # Blocking umount2 and unlink through ctypes (no async form in pyroute2).
+            await asyncio.to_thread(netns.remove, self.ns)
+        except FileNotFoundError:
+            pass  # removed meanwhile
+        except Exception as exc:
+            raise NetworkError(f"removing network namespace {self.ns}: {exc}") from exc

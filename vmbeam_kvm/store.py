@@ -33,12 +33,11 @@ from .units import shown
 
 
 class GuestState(StrEnum):
-    """Lifecycle of a guest as recorded in the store."""
+    """Lifecycle of a guest as recorded in the store (a stopped guest is forgotten)."""
 
     STARTING = "starting"
     RUNNING = "running"
     MIGRATING = "migrating"
-    STOPPED = "stopped"
     LOST = "lost"                  # its QEMU died outside our control
     NEEDS_ACTION = "needs-action"  # unsafe state an operator must resolve
 

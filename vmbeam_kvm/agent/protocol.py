@@ -3,6 +3,9 @@
 Request ``{"id": N, "op": NAME, "args": {...}}``; reply ``{"id": N, "ok": true, "result": ...}``
 or ``{"id": N, "ok": false, "error": TEXT, "type": ERROR_CLASS}``. Ids pair replies with
 requests, so stale lines left in the channel by an earlier session are ignored.
+
+L0 speaks it through :class:`AgentClient`'s typed methods (one per :class:`Op`), whose
+replies are the dataclasses below; ``call`` is the untyped wire underneath.
 """
 
 from __future__ import annotations
@@ -15,23 +18,75 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ..errors import VmbeamError
+from ..config import AGENT_CALL_TIMEOUT, AGENT_LOCK_WAIT
+from ..errors import AgentError
+from ..heartbeat import Heartbeat
 
 PORT_NAME = "org.vmbeam.agent"
 # How long a command waits for a cloud VM's agent channel that another command holds.
-LOCK_WAIT = 180.0
+LOCK_WAIT = AGENT_LOCK_WAIT
 
 
-class AgentError(VmbeamError):
-    """The agent refused a request, failed it, or could not be reached."""
+class Op(StrEnum):
+    """The agent's operations (the server implements ``op_<name>``)."""
 
-    def __init__(self, message: str, remote_type: str = "") -> None:
-        super().__init__(message)
-        self.remote_type = remote_type
+    PING = "ping"
+    REGIONS = "regions"
+    VERIFY_REGION = "verify_region"
+    START_GUEST = "start_guest"
+    QMP = "qmp"
+    MIGRATION_TLS = "migration_tls"
+    STATUS = "status"
+    STOP_GUEST = "stop_guest"
+    SIGNAL = "signal"
+    RESTART = "restart"
+
+
+@dataclass(frozen=True)
+class Pong:
+    """``ping``: the agent is up; which guests it runs."""
+
+    name: str
+    pid: int
+    guests: list[str]
+
+
+@dataclass(frozen=True)
+class L2Started:
+    """``start_guest``: the L2 QEMU's pid, the agent's pid, the region it maps."""
+
+    pid: int
+    agent_pid: int
+    region: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class L2Status:
+    """``status`` of one L2 guest; :data:`GONE` where it certainly does not run."""
+
+    alive: bool
+    run_state: str | None
+    pid: int = 0
+    agent_pid: int = 0
+    heartbeat: Heartbeat | None = None
+    region_id: str = ""
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> L2Status:
+        hb = d.get("heartbeat")
+        return cls(alive=bool(d["alive"]), run_state=d.get("run_state"),
+                   pid=int(d.get("pid", 0)), agent_pid=int(d.get("agent_pid", 0)),
+                   heartbeat=None if hb is None else Heartbeat(**hb),
+                   region_id=str(d.get("region_id", "")))
+
+
+GONE = L2Status(alive=False, run_state=None)
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -110,7 +165,7 @@ class AgentClient:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    async def call(self, op: str, timeout: float = 60.0, **args: Any) -> Any:
+    async def call(self, op: str, timeout: float = AGENT_CALL_TIMEOUT, **args: Any) -> Any:
         """Send one request and wait for its reply (requests on one channel are serialised)."""
         async with self._lock:
             if self._writer is None:
@@ -161,10 +216,49 @@ class AgentClient:
         tail = [t.rstrip() for t in text.splitlines() if t.strip()][-lines:]
         return f"; console of {self.name} ({self.console}) ends:\n  " + "\n  ".join(tail)
 
+    # -- typed operations -------------------------------------------------------------
     async def qmp(self, guest: str, cmd: str, args: dict[str, Any] | None = None,
-                  timeout: float = 60.0) -> Any:
+                  timeout: float = AGENT_CALL_TIMEOUT) -> Any:
         """Run a QMP command on the QEMU of ``guest`` in this cloud VM."""
-        return await self.call("qmp", timeout=timeout, name=guest, cmd=cmd, args=args)
+        return await self.call(Op.QMP, timeout=timeout, name=guest, cmd=cmd, args=args)
+
+    async def ping(self, timeout: float = AGENT_CALL_TIMEOUT) -> Pong:
+        r = await self.call(Op.PING, timeout=timeout)
+        return Pong(name=str(r["name"]), pid=int(r["pid"]), guests=list(r["guests"]))
+
+    async def start_guest(self, name: str, *, memory: int, image: str, touch: int,
+                          region_id: str, incoming: bool = False, mac: str = "",
+                          ip: str = "") -> L2Started:
+        """Start the L2 QEMU of ``name`` on the mapped region ``region_id`` (``incoming``:
+        waiting for a migration stream); raises AgentError (remote RegionError when the
+        region is not mapped here or holds another size)."""
+        r = await self.call(Op.START_GUEST, name=name, memory=memory, image=image,
+                            touch=touch, region_id=region_id, incoming=incoming, mac=mac,
+                            ip=ip)
+        return L2Started(pid=int(r["pid"]), agent_pid=int(r["agent_pid"]),
+                         region=dict(r["region"]))
+
+    async def status(self, name: str, timeout: float = AGENT_CALL_TIMEOUT) -> L2Status:
+        """The guest's L2 QEMU as the agent sees it; AgentError with remote_type
+        ``BadInputError`` when the agent runs no such guest."""
+        return L2Status.of(await self.call(Op.STATUS, timeout=timeout, name=name))
+
+    async def stop_guest(self, name: str, *, kill: bool = False) -> bool:
+        """Quit (or SIGKILL) the guest's L2 QEMU; False when the agent had no such guest."""
+        return bool((await self.call(Op.STOP_GUEST, name=name, kill=kill))["stopped"])
+
+    async def migration_tls(self, name: str, endpoint: str, key: str) -> str:
+        """Give the guest's QEMU a TLS-PSK credential; returns its object id."""
+        r = await self.call(Op.MIGRATION_TLS, name=name, endpoint=endpoint, key=key)
+        return str(r["tls_creds"])
+
+    async def signal(self, name: str, signum: int) -> int:
+        """Send ``signum`` to the guest's L2 QEMU; returns its pid."""
+        return int((await self.call(Op.SIGNAL, name=name, signum=signum))["pid"])
+
+    async def restart(self) -> None:
+        """Make the agent exit so that init starts it afresh (guests keep running)."""
+        await self.call(Op.RESTART)
 
     async def wait_ready(self, timeout: float,
                          alive: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -173,7 +267,7 @@ class AgentClient:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                result: dict[str, Any] = await self.call("ping", timeout=3)
+                result: dict[str, Any] = await self.call(Op.PING, timeout=3)
                 return result
             except AgentError as exc:
                 if alive is not None and not alive():

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
@@ -95,11 +96,32 @@ def host_memory_bytes(pids: list[int]) -> int:
 
 
 class QemuState(Enum):
-    """Lifecycle of a QemuProcess handle."""
+    """Lifecycle of a QemuProcess handle (enforced by :func:`require`)."""
 
     STARTING = "starting"
     RUNNING = "running"
     EXITED = "exited"
+
+
+_M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
+
+
+def require(*states: QemuState) -> Callable[[_M], _M]:
+    """Guard a QMP method: refuse (QMPCommandError) unless the handle is in ``states``.
+
+    A handle learns it has EXITED when it sees the process gone (``alive``), kills it or
+    sees it quit; from then on no command is sent to a pid that may be reused.
+    """
+    def wrap(fn: _M) -> _M:
+        @functools.wraps(fn)
+        async def guarded(self: QemuProcess, *args: Any, **kw: Any) -> Any:
+            if self.state not in states or not self.alive():
+                cmd = str(args[0]) if args else fn.__name__
+                raise QMPCommandError(f"{cmd}: QEMU {self.pid} is {self.state.value}",
+                                      command=cmd, disconnected=True)
+            return await fn(self, *args, **kw)
+        return guarded  # type: ignore[return-value]
+    return wrap
 
 
 class QemuProcess:
@@ -192,9 +214,12 @@ class QemuProcess:
             await asyncio.sleep(0.02)
 
     def alive(self) -> bool:
-        if self._popen is not None and self._popen.poll() is not None:
+        if self.state is QemuState.EXITED:
             return False
-        return self.ref.alive()
+        if (self._popen is not None and self._popen.poll() is not None) or not self.ref.alive():
+            self.state = QemuState.EXITED
+            return False
+        return True
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -268,24 +293,26 @@ class QemuProcess:
         await self.close()
 
     # -- QMP ------------------------------------------------------------------------------
+    @require(QemuState.STARTING, QemuState.RUNNING)
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        """Run one QMP command; any failure becomes QMPCommandError."""
+        """Run one QMP command; any failure becomes QMPCommandError (also for a QEMU
+        that is not running: ``disconnected`` then)."""
         if self._qmp is None:
-            if not self.alive():
-                raise QMPCommandError(f"{cmd}: QEMU {self.pid} is not running")
             try:
                 await self.connect(timeout=5)
             except LaunchError as exc:
-                raise QMPCommandError(f"{cmd}: {exc}") from exc
+                raise QMPCommandError(f"{cmd}: {exc}", command=cmd,
+                                      disconnected=True) from exc
         assert self._qmp is not None
         try:
             return await self._qmp.execute(cmd, args)
         except ExecuteError as exc:
-            raise QMPCommandError(f"{cmd}: {exc.error_class}: {exc}") from exc
+            raise QMPCommandError(f"{cmd}: {exc.error_class}: {exc}", command=cmd,
+                                  error_class=exc.error_class) from exc
         except (QMPError, OSError, EOFError) as exc:
             self._drop_qmp()
             raise QMPCommandError(f"{cmd}: QMP connection to QEMU {self.pid} failed: "
-                                  f"{exc!r}") from exc
+                                  f"{exc!r}", command=cmd, disconnected=True) from exc
 
     async def session(self) -> QMPClient:
         """The connected QMP client (for events and fd passing)."""

@@ -1,0 +1,102 @@
+"""Moving a running guest: one phase machine, two routes, recovery from the journal.
+
+* :mod:`.model` — modes, options, progress events, the result (the public types);
+* :mod:`.engine` — the phase machine every move runs (:class:`~.engine.MigrationRun`);
+* :mod:`.routes` — its topology-specific steps: on this host, and between cloud VMs;
+* :mod:`.handover` — the rules for waiting on and resuming a source;
+* :mod:`.recovery` — the decision table for moves whose command died;
+* :mod:`.faults` — fault injection for tests.
+
+:func:`migrate_local` and :func:`migrate_between` check a request under the guest's lock,
+open the journal and run the phase machine along the right route.
+"""
+
+from __future__ import annotations
+
+from ..errors import BadInputError
+from ..placement.cloud import CloudOps
+from ..placement.local import LocalPlacement
+from ..qemu.machine import RamBackend
+from ..store import GuestState
+from .engine import MigrationRun
+from .model import (
+    MigrationMode,
+    MigrationOptions,
+    MigrationResult,
+    NestedResult,
+    ProgressCallback,
+    ProgressEvent,
+)
+from .recovery import recover_move
+from .routes import CloudRoute, LocalRoute
+
+
+async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
+                        ) -> MigrationResult:
+    """Move guest ``name`` to a new QEMU on this host.
+
+    Raises BadInputError (nothing changed), GuestBusyError, MigrationError (exit 3: the
+    source runs again; exit 4: needs action) or GuestLostError.
+    """
+    store = place.store
+    with store.lock_guest(name, "migrated"):
+        rec = store.get_guest(name)
+        if rec.state is not GuestState.RUNNING:
+            raise BadInputError(f"guest {name!r} is {rec.state.value}; only a running guest "
+                                f"can be migrated")
+        src = place.process(rec)
+        if not src.alive():
+            rec.state = GuestState.LOST
+            store.update_guest(rec)
+            raise BadInputError(f"guest {name!r}: its QEMU (pid {rec.pid}) is gone")
+        backend = RamBackend(rec.backend)
+        if (opts.mode is MigrationMode.CPR_TRANSFER) != (backend is RamBackend.MEMFD):
+            raise BadInputError(f"mode {opts.mode.value} does not fit guest {name!r} (RAM "
+                                f"backend {backend.value}); cpr-transfer needs a memfd guest")
+        spec = place.spec_of(rec, opts.qemu)
+        run_state = await src.run_state()
+        if run_state != "running":
+            raise BadInputError(f"guest {name!r} is {run_state}, not running")
+        route = LocalRoute(place, rec, src, spec, opts)
+        await route.open()
+        mig_id = store.begin_migration(name, opts.mode.value, rec.pid, rec.pid_start)
+        rec.state = GuestState.MIGRATING
+        store.update_guest(rec)
+        return await MigrationRun(store, route, mig_id).execute()
+
+
+async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOptions
+                          ) -> MigrationResult:
+    """Move guest ``name`` (in a cloud VM) into cloud VM ``to`` of the same tenant.
+
+    Raises as :func:`migrate_local`; a cross-tenant request is refused and logged.
+    """
+    store = ops.store
+    with store.lock_guest(name, "migrated"):
+        rec = store.get_guest(name)
+        if not rec.cloud_vm:
+            raise BadInputError(f"guest {name!r} runs on this host, not in a cloud VM: "
+                                f"use --local")
+        if rec.state is not GuestState.RUNNING:
+            raise BadInputError(f"guest {name!r} is {rec.state.value}")
+        src_vm, dst_vm = ops.running_vm(rec.cloud_vm), ops.running_vm(to)
+        if src_vm.name == dst_vm.name:
+            raise BadInputError(f"guest {name!r} already runs in {to!r}")
+        if dst_vm.tenant != rec.tenant:
+            store.log_event("refused", name, f"cross-tenant migration to {to} "
+                            f"(tenant {dst_vm.tenant}, guest of {rec.tenant})")
+            raise BadInputError(f"refused: cloud VM {to!r} belongs to tenant "
+                                f"{dst_vm.tenant!r}, guest {name!r} to {rec.tenant!r}")
+        if opts.mode is MigrationMode.CPR_TRANSFER:
+            raise BadInputError("cpr-transfer is a local-only mode")
+        route = CloudRoute(ops, rec, src_vm, dst_vm, opts)
+        await route.open()
+        mig_id = store.begin_migration(name, opts.mode.value, rec.pid, 0)
+        rec.state = GuestState.MIGRATING
+        store.update_guest(rec)
+        return await MigrationRun(store, route, mig_id).execute()
+
+
+__all__ = ["MigrationMode", "MigrationOptions", "MigrationResult", "NestedResult",
+           "ProgressCallback", "ProgressEvent", "migrate_between", "migrate_local",
+           "recover_move"]

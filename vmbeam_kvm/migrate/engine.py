@@ -1,0 +1,374 @@
+"""One move of a guest: the phase machine every placement runs.
+
+A move goes share → prepare → switch → confirm → relocate, each phase journaled before it
+starts (the store's :class:`~vmbeam_kvm.store.MigrationPhase`), so that a command that
+dies mid-move is resolved from the journal (:mod:`.recovery`). What differs between moving
+a guest on this host and moving it between cloud VMs — how memory is shared and let go,
+where the destination QEMU starts, how each QEMU is reached — is a :class:`Route` (the
+per-transport spec of libvirt's ``qemu_migration.c``); :mod:`.routes` has both, phase by
+phase. Everything else lives here once: timing, capabilities and parameters per party,
+the switch and the wait for the handover, the confirmation that the destination runs,
+rollback, the needs-action policy, progress events and the result.
+
+Safety rules (DESIGN §4.4, §4.6, §7.15): the destination maps the very region (checked
+before any switch); ``return-path`` makes the source wait for the destination to load; the
+destination is confirmed ``running`` before the source quits; a source that handed over is
+never resumed. Any failure before the switch leaves the source running; a failure after it
+leaves the source paused and the guest ``needs-action``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import CONFIRM_TIMEOUT, HANDOVER_TIMEOUT, PRECOPY_TIMEOUT
+from ..errors import GuestLostError, MigrationError, Rollback, VmbeamError
+from ..heartbeat import Heartbeat
+from ..store import GuestRecord, GuestState, MigrationPhase, Store
+from . import faults
+from .handover import DestWatch, QMPExecute, resume_source, wait_for_handover
+from .model import MigrationMode, MigrationOptions, MigrationResult, ProgressEvent
+
+
+@dataclass
+class Party:
+    """Migration capabilities and parameters of one end (set on it every time: a QEMU
+    that arrived by migration keeps what its last migration was given)."""
+
+    caps: dict[str, bool] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    async def apply(self, qmp: QMPExecute) -> None:
+        if self.caps:
+            await qmp("migrate-set-capabilities", {"capabilities": [
+                {"capability": c, "state": on} for c, on in self.caps.items()]})
+        if self.params:
+            await qmp("migrate-set-parameters", self.params)
+
+
+class Route(ABC):
+    """The topology-specific steps of one move of guest ``rec`` (see module docstring).
+
+    ``where`` keys the tunables (``local`` / ``cloud-vm``); ``poll`` is how often the
+    engine may ask a QEMU of this route (a round trip through an agent costs more).
+    """
+
+    where: str
+    poll: float
+    guest_timeout: float
+
+    def __init__(self, rec: GuestRecord, opts: MigrationOptions) -> None:
+        self.rec, self.opts, self.mode = rec, opts, opts.mode
+        self.src_pid = rec.pid  # the source QEMU's pid (as its placement numbers it)
+        self.switch_started = False
+
+    def note(self, **values: Any) -> None:
+        """Journal ``values`` with the current phase (set by the engine)."""
+        raise NotImplementedError  # set by the engine the moment it asks for the switch
+
+    # -- reaching the two QEMUs -------------------------------------------------------------
+    @abstractmethod
+    async def src_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any: ...
+
+    @abstractmethod
+    async def dst_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any: ...
+
+    def dest_watch(self) -> DestWatch | None:
+        """A destination process the handover wait can watch directly, if any."""
+        return None
+
+    @property
+    @abstractmethod
+    def hook_target(self) -> Any:
+        """What fault hooks are given (the destination QemuProcess or AgentClient)."""
+
+    # -- the phases ---------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Before the journal: take what the whole move needs (e.g. agent channels)."""
+        return None
+
+    @abstractmethod
+    async def share(self) -> None:
+        """Make the guest's memory (or, for precopy, fresh memory) the destination's to
+        map, journaling (:meth:`note`) what recovery must take back before it is taken.
+        Raises VmbeamError (the move rolls back)."""
+
+    @abstractmethod
+    async def launch(self) -> None:
+        """Start the destination QEMU waiting for an incoming stream, journaling where it
+        runs as soon as it exists (so that recovery can find it)."""
+
+    async def verify(self) -> None:
+        """Refuse unless the destination maps the very memory of the guest (zero-copy)."""
+        return None
+
+    async def tune(self, src: Party, dst: Party) -> None:
+        """Add this route's capabilities and parameters to each party (TLS, throttling)."""
+        return None
+
+    async def configure(self, src: Party, dst: Party) -> None:
+        await src.apply(self.src_qmp)
+        await dst.apply(self.dst_qmp)
+
+    @abstractmethod
+    async def listen(self) -> str:
+        """Make the destination listen; returns the URI the source migrates to."""
+
+    async def last_look(self) -> None:
+        """Last check before the point of no return (the destination is still there)."""
+        return None
+
+    async def switch(self, uri: str) -> None:
+        await self.src_qmp("migrate", {"uri": uri})
+
+    @abstractmethod
+    async def dest_state(self) -> tuple[bool, str | None]:
+        """Whether the destination QEMU is alive, and its run state (None: not known)."""
+
+    @abstractmethod
+    def dest_failed(self, alive: bool) -> str:
+        """Why the destination did not confirm, for the operator."""
+
+    def measure_start(self) -> None:
+        """Start the route's cost figures (CPU, network, memory)."""
+        return None
+
+    def measure_confirmed(self) -> None:
+        """The destination runs: stop the cost figures that end with the switch."""
+        return None
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Point the guest's record at the destination (it runs the guest now)."""
+
+    @abstractmethod
+    async def relocate(self) -> None:
+        """The source QEMU quits and its hold on the guest's memory goes."""
+
+    @abstractmethod
+    async def heartbeat(self) -> Heartbeat | None: ...
+
+    @abstractmethod
+    async def wait_heartbeat(self, after_seq: int, timeout: float) -> Heartbeat | None: ...
+
+    @abstractmethod
+    async def drop_dest(self) -> None:
+        """Rollback: the destination QEMU and its memory hold go (never runs twice)."""
+
+    @abstractmethod
+    async def source_alive(self) -> tuple[bool, str]:
+        """Whether the source QEMU still runs the guest; if not, where it went."""
+
+    def fill(self, result: MigrationResult) -> None:
+        """This route's figures of the result."""
+        return None
+
+    async def cleanup(self) -> None:
+        """Whatever the move held in this process, success or failure."""
+        return None
+
+    def resumed_text(self) -> str:
+        return "source guest running"
+
+
+class MigrationRun:
+    """One execution of the phase machine for one guest along one route."""
+
+    def __init__(self, store: Store, route: Route, mig_id: int) -> None:
+        self.store, self.route, self.mig_id = store, route, mig_id
+        self.rec, self.opts, self.mode = route.rec, route.opts, route.mode
+        self.phases: dict[str, float] = {}
+        self._t_start = self._mark = time.monotonic()
+        self._last_ram = 0.0
+        self._phase = MigrationPhase.SHARE
+        route.note = self._note  # type: ignore[method-assign]
+
+    def _note(self, **values: Any) -> None:
+        self.store.journal(self.mig_id, self._phase, **values)
+
+    # -- journal, timing, progress ----------------------------------------------------------
+    def _enter(self, phase: MigrationPhase, **values: Any) -> None:
+        """Journal ``phase`` (before it starts) and tell the progress listener."""
+        now = time.monotonic()
+        last: float | None = None
+        if self.phases or phase is not MigrationPhase.SHARE:
+            prev = list(MigrationPhase)[list(MigrationPhase).index(phase) - 1]
+            last = self.phases[prev.value] = round((now - self._mark) * 1000, 3)
+        self._mark = now
+        self._phase = phase
+        self.store.journal(self.mig_id, phase, **values)
+        self._emit(ProgressEvent(self.rec.name, "phase", phase.value, self._elapsed(now),
+                                 last_phase_ms=last))
+
+    def _elapsed(self, now: float) -> float:
+        return round((now - self._t_start) * 1000, 3)
+
+    def _emit(self, ev: ProgressEvent) -> None:
+        if self.opts.progress is not None:
+            self.opts.progress(ev)
+
+    def _on_info(self, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        ram = info.get("ram")
+        if not ram or now - self._last_ram < 0.25:
+            return
+        self._last_ram = now
+        self._emit(ProgressEvent(
+            self.rec.name, "ram", MigrationPhase.SWITCH.value, self._elapsed(now),
+            ram_total=int(ram.get("total", 0)), ram_transferred=int(ram.get("transferred", 0)),
+            ram_remaining=int(ram.get("remaining", 0)),
+            dirty_rate=int(ram.get("dirty-pages-rate", 0)),
+            expected_downtime_ms=info.get("expected-downtime")))
+
+    def _handover_timeout(self) -> float:
+        if self.opts.timeout is not None:
+            return self.opts.timeout
+        if self.mode is MigrationMode.PRECOPY:
+            base, per_gib = PRECOPY_TIMEOUT[self.route.where]
+            return base + per_gib * self.rec.memory / (1 << 30)
+        return HANDOVER_TIMEOUT[self.route.where]
+
+    # -- the move -------------------------------------------------------------------------
+    async def execute(self) -> MigrationResult:
+        route, name, hooks = self.route, self.rec.name, faults.hooks()
+        route.measure_start()
+        try:
+            # ---- SHARE + PREPARE: the destination QEMU on shared (or fresh) memory --------
+            try:
+                self._enter(MigrationPhase.SHARE)
+                await route.share()
+                faults.crash_point(MigrationPhase.SHARE)
+                self._enter(MigrationPhase.PREPARE)
+                await route.launch()
+                faults.crash_point(MigrationPhase.PREPARE)
+                await route.verify()
+                zero_copy = self.mode is MigrationMode.ZERO_COPY
+                common = {"return-path": True, "x-ignore-shared": zero_copy}
+                src = Party(dict(common), {"max-bandwidth": self.opts.max_bandwidth})
+                dst = Party(dict(common))
+                await route.tune(src, dst)
+                await route.configure(src, dst)
+                uri = await route.listen()
+                if hooks.before_switch is not None:
+                    await hooks.before_switch(route.hook_target)
+                await route.last_look()
+            except VmbeamError as exc:
+                raise Rollback(f"preparing the destination failed: {exc}") from exc
+            setup_ms = (time.monotonic() - self._t_start) * 1000
+
+            # ---- SWITCH: device state (plus RAM for precopy) crosses to the destination ---
+            self._enter(MigrationPhase.SWITCH)
+            hb0 = await route.heartbeat()
+            t0 = time.monotonic()
+            try:
+                route.switch_started = True
+                await route.switch(uri)
+            except VmbeamError as exc:
+                raise Rollback(f"the source did not start the switch: {exc}") from exc
+            info = await wait_for_handover(route.src_qmp, self._handover_timeout(),
+                                           dst=route.dest_watch(), poll=route.poll,
+                                           on_info=self._on_info)
+            faults.crash_point(MigrationPhase.SWITCH)
+            if hooks.after_switch is not None:
+                await hooks.after_switch(route.hook_target)
+
+            # ---- CONFIRM: the destination must run before the source may go -------------
+            self._enter(MigrationPhase.CONFIRM)
+            await self._confirm()
+            t1 = time.monotonic()
+            route.measure_confirmed()
+
+            # ---- RELOCATE: the guest is the destination's; the source lets go -----------
+            self._enter(MigrationPhase.RELOCATE)
+            route.commit()
+            self.rec.state = GuestState.RUNNING
+            self.store.update_guest(self.rec)
+            faults.crash_point(MigrationPhase.RELOCATE)
+            await route.relocate()
+            self.phases[MigrationPhase.RELOCATE.value] = round(
+                (time.monotonic() - self._mark) * 1000, 3)
+            guest_ok: bool | None = None
+            if self.opts.verify_guest:
+                hb1 = await route.wait_heartbeat(hb0.seq if hb0 else -1, route.guest_timeout)
+                guest_ok = hb1 is not None and hb1.ok
+
+            result = MigrationResult(
+                guest=name, mode=self.mode.value, status="completed",
+                total_ms=round((t1 - t0) * 1000, 3), downtime_ms=info.get("downtime"),
+                ram_transferred_bytes=int(info.get("ram", {}).get("transferred", 0)),
+                shared_frames_ratio=None, guest_ok=guest_ok,
+                qemu_total_ms=info.get("total-time"), setup_ms=round(setup_ms, 3),
+                phases_ms=self.phases, source_pid=route.src_pid, dest_pid=self.rec.pid,
+                migration_id=self.mig_id, memory_bytes=self.rec.memory)
+            route.fill(result)
+            self.store.journal(self.mig_id, MigrationPhase.DONE, result=result.to_json())
+            self._emit(ProgressEvent(name, "phase", MigrationPhase.DONE.value,
+                                     self._elapsed(time.monotonic()),
+                                     last_phase_ms=self.phases[MigrationPhase.RELOCATE.value]))
+            return result
+        except Rollback as exc:
+            try:
+                await self._rollback(str(exc))
+            except GuestLostError:
+                raise
+            except VmbeamError as unsafe:
+                self._needs_action(f"{exc}; rollback: {unsafe}")
+                if isinstance(unsafe, MigrationError):
+                    raise
+                raise MigrationError(f"migration of {name!r} failed ({exc}) and its source "
+                                     f"could not be resumed: {unsafe}",
+                                     source_resumed=False) from unsafe
+            raise MigrationError(f"migration of {name!r} failed, {route.resumed_text()}: "
+                                 f"{exc}", source_resumed=True) from exc.__cause__
+        except VmbeamError as exc:
+            # After the switch started: the source may have handed over; never guess.
+            self._needs_action(str(exc))
+            if isinstance(exc, MigrationError):
+                raise
+            raise MigrationError(f"migration of {name!r} failed after the switch: {exc}",
+                                 source_resumed=False) from exc
+        finally:
+            await route.cleanup()
+
+    async def _confirm(self) -> None:
+        """After the source completed: the destination must reach ``running``."""
+        deadline = time.monotonic() + CONFIRM_TIMEOUT
+        while True:
+            alive, state = await self.route.dest_state()
+            if state == "running":
+                return
+            if not alive or time.monotonic() > deadline:
+                # The source handed over; resuming it could run two diverging copies of
+                # one memory. Keep it paused and tell the operator.
+                raise MigrationError(f"{self.route.dest_failed(alive)}; source kept paused — "
+                                     f"resolve with `vmbeam-kvm guest status "
+                                     f"{self.rec.name}`", source_resumed=False)
+            await asyncio.sleep(self.route.poll * 2)
+
+    async def _rollback(self, why: str) -> None:
+        """The destination goes first, then the source runs again (never both)."""
+        await self.route.drop_dest()
+        alive, where = await self.route.source_alive()
+        if not alive:
+            # The destination never ran and is gone too: no copy is left anywhere.
+            self.rec.state = GuestState.LOST
+            self.store.update_guest(self.rec)
+            self.store.journal(self.mig_id, MigrationPhase.FAILED,
+                               error=f"{why}; source gone: guest lost")
+            raise GuestLostError(f"migration of {self.rec.name!r} failed and its source is "
+                                 f"gone ({where}): the guest is lost ({why})")
+        await resume_source(self.route.src_qmp, self.rec.name,
+                            switch_started=self.route.switch_started)
+        self.rec.state = GuestState.RUNNING
+        self.store.update_guest(self.rec)
+        self.store.journal(self.mig_id, MigrationPhase.FAILED, error=why)
+
+    def _needs_action(self, why: str) -> None:
+        self.rec.state = GuestState.NEEDS_ACTION
+        self.store.update_guest(self.rec)
+        self.store.journal(self.mig_id, MigrationPhase.FAILED, error=why)
+

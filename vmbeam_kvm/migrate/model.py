@@ -1,0 +1,103 @@
+"""What a move is asked to do and what it reports: modes, options, progress, result.
+
+These are the public types of the migration engine (re-exported by :mod:`vmbeam_kvm`); the
+result's ``to_json`` is the CLI's ``--json`` object, a contract scripts rely on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ..config import PRECOPY_MAX_BANDWIDTH
+
+
+class MigrationMode(StrEnum):
+    """How guest RAM reaches the destination."""
+
+    ZERO_COPY = "zero-copy"
+    PRECOPY = "precopy"
+    CPR_TRANSFER = "cpr-transfer"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of a move as it happens.
+
+    ``kind`` is ``phase`` (``phase`` was entered; ``last_phase_ms`` is how long the one
+    before it took) or ``ram`` (the source's transfer figures while it streams). RAM
+    figures are bytes; ``dirty_rate`` pages per second; ``expected_downtime_ms`` QEMU's
+    estimate for precopy.
+    """
+
+    guest: str
+    kind: str
+    phase: str
+    elapsed_ms: float
+    last_phase_ms: float | None = None
+    ram_total: int = 0
+    ram_transferred: int = 0
+    ram_remaining: int = 0
+    dirty_rate: int = 0
+    expected_downtime_ms: int | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class MigrationOptions:
+    """Knobs of one move. ``qemu`` and ``timeout`` apply to moves on this host."""
+
+    mode: MigrationMode = MigrationMode.ZERO_COPY
+    qemu: str | None = None              # destination QEMU binary (live update)
+    timeout: float | None = None         # limit before the switch; default depends on size
+    max_bandwidth: int = PRECOPY_MAX_BANDWIDTH
+    verify_guest: bool = True            # wait for a good heartbeat on the destination
+    guest_timeout: float = 30.0
+    compare_frames: bool = True
+    progress: ProgressCallback | None = None  # sees every ProgressEvent of the move
+
+
+@dataclass
+class MigrationResult:
+    """What a move did and what it cost; ``to_json`` is the CLI's ``--json`` object.
+
+    The ``source_cloud_vm`` ... ``l0_cpu_seconds`` fields describe moves between cloud VMs
+    and are None for moves on this host.
+    """
+
+    guest: str
+    mode: str
+    status: str
+    total_ms: float
+    downtime_ms: float | None
+    ram_transferred_bytes: int
+    shared_frames_ratio: float | None
+    guest_ok: bool | None
+    qemu_total_ms: float | None = None
+    setup_ms: float = 0.0
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    frames: dict[str, int] | None = None
+    peak_qemu_memory_bytes: int = 0
+    qemu_cpu_seconds: float = 0.0
+    source_pid: int = 0
+    dest_pid: int = 0
+    migration_id: int = 0
+    memory_bytes: int = 0
+    # Between cloud VMs only:
+    source_cloud_vm: str | None = None
+    dest_cloud_vm: str | None = None
+    source_detached: bool | None = None
+    network_bytes: int | None = None   # bytes that crossed the destination cloud VM's NIC
+    tls: bool | None = None            # the stream was TLS with a per-move pre-shared key
+    l0_cpu_seconds: float | None = None  # CPU of every QEMU on L0 (the cloud VMs) meanwhile
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# The result of a move between cloud VMs: the same type (kept as a name for the API).
+NestedResult = MigrationResult

@@ -1,0 +1,501 @@
+"""The two routes a guest moves along, phase by phase: on this host, and between cloud VMs.
+
+:class:`LocalRoute` — the destination is a new QEMU process on this host; zero-copy maps
+the guest's beam region (its memfd, passed as an fd), precopy a fresh region, cpr-transfer
+is QEMU's own live-update peer for memfd guests. :class:`CloudRoute` — the destination is an
+L2 QEMU in another cloud VM of the same tenant; *share* hot-plugs the guest's region (or a
+fresh one, for precopy) into that cloud VM, the destination's agent starts the incoming QEMU
+on it, the stream crosses the L1-L1 network (TLS with a per-move key), and *relocate* takes
+the region back from the source cloud VM. The engine (:mod:`.engine`) runs the phases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from ..agent.protocol import L2Started
+from ..cloudvm import CloudVMRecord
+from ..config import NESTED_DOWNTIME_LIMIT_MS
+from ..errors import AgentError, LaunchError, RegionError, VmbeamError
+from ..heartbeat import Heartbeat, read_status, wait_for_heartbeat
+from ..pagemap import FrameComparison, compare_frames, find_memfd_inode
+from ..placement.cloud import CloudOps
+from ..placement.local import LocalPlacement
+from ..qemu.machine import RAM_ID, MachineSpec, build_argv
+from ..qemu.process import QemuProcess, cpu_seconds, host_memory_bytes
+from ..region import BeamRegion, read_identity_of
+from ..store import GuestRecord
+from . import faults
+from .engine import Party, Route
+from .handover import DestWatch, dies_within
+from .model import MigrationMode, MigrationOptions, MigrationResult
+
+
+async def ram_fd_of(qmp: Any) -> int:
+    """The fd number through which a QEMU maps guest RAM (``mem-path=/proc/self/fd/N``);
+    ``qmp`` is its QMP execute (or a QemuProcess)."""
+    execute = qmp.execute if isinstance(qmp, QemuProcess) else qmp
+    path = await execute("qom-get", {"path": f"/objects/{RAM_ID}", "property": "mem-path"})
+    tail = str(path).removeprefix("/proc/self/fd/")
+    if tail == str(path) or not tail.isdigit():
+        raise RegionError(f"QEMU maps guest RAM from {path!r}, not a beam region")
+    return int(tail)
+
+
+class _Sampler:
+    """Samples the host memory held by the QEMU processes involved, to report the peak."""
+
+    def __init__(self, procs: list[QemuProcess]) -> None:
+        self.procs = procs
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, host_memory_bytes([p.pid for p in self.procs if p.alive()]))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.sample)
+            await asyncio.sleep(0.05)
+
+    def start(self) -> None:
+        self.sample()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class LocalRoute(Route):
+    """A move to a new QEMU process on this host."""
+
+    where = "local"
+    poll = 0.001
+
+    def __init__(self, place: LocalPlacement, rec: GuestRecord, src: QemuProcess,
+                 spec: MachineSpec, opts: MigrationOptions) -> None:
+        super().__init__(rec, opts)
+        self.place, self.src, self.spec = place, src, spec
+        self.guest_timeout = opts.guest_timeout
+        self.dst: QemuProcess | None = None
+        self.src_region: BeamRegion | None = None
+        self.dst_region: BeamRegion | None = None
+        self._dst_fd: int | None = None  # the destination's region fd, once verified
+        self.inst = rec.instance + 1
+        self.qmp_path, self.serial, self.qlog = place.instance_paths(rec.name, self.inst)
+        gdir = place.store.guest_dir(rec.name)
+        self.main_sock = gdir / f"mig-{self.inst}.sock"
+        self.cpr_sock = gdir / f"cpr-{self.inst}.sock"
+        self.sampler = _Sampler([src])
+        self._cpu0 = 0.0
+        self.cpu = 0.0
+        self.frames: FrameComparison | None = None
+
+    @property
+    def cpr(self) -> bool:
+        return self.mode is MigrationMode.CPR_TRANSFER
+
+    async def src_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.src.execute(cmd, args)
+
+    async def dst_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        assert self.dst is not None
+        return await self.dst.execute(cmd, args)
+
+    def dest_watch(self) -> DestWatch | None:
+        return self.dst
+
+    @property
+    def hook_target(self) -> Any:
+        return self.dst
+
+    def measure_start(self) -> None:
+        self._cpu0 = cpu_seconds(self.src.pid)
+        self.sampler.start()
+
+    # ---- SHARE: the source's region, or a fresh one for precopy ---------------------------
+    async def share(self) -> None:
+        if self.cpr:
+            return  # QEMU's own memfd travels over the cpr channel
+        self.src_region = BeamRegion.open_from_process(
+            self.src.pid, await ram_fd_of(self.src), self.rec.region_id)
+        dest_region = faults.hooks().dest_region
+        if dest_region is not None:
+            self.dst_region = dest_region
+        elif self.mode is MigrationMode.ZERO_COPY:
+            self.dst_region = self.src_region
+        else:
+            self.dst_region = BeamRegion.create(self.rec.memory, self.rec.name)
+
+    # ---- PREPARE: the destination QEMU, waiting for its stream ----------------------------
+    async def launch(self) -> None:
+        for s in (self.main_sock, self.cpr_sock):
+            with contextlib.suppress(FileNotFoundError):
+                s.unlink()
+        if self.cpr:
+            chan = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix",
+                                                    "path": str(self.cpr_sock)}}
+            argv = build_argv(self.spec, qmp_path=self.qmp_path, serial_path=self.serial,
+                              incoming=[json.dumps(chan), "defer"])
+            self.dst = await QemuProcess.launch(argv, self.qmp_path, self.qlog, connect=False)
+        else:
+            assert self.dst_region is not None
+            argv = build_argv(self.spec, qmp_path=self.qmp_path, serial_path=self.serial,
+                              ram_fd=self.dst_region.fd, incoming=["defer"])
+            self.dst = await QemuProcess.launch(argv, self.qmp_path, self.qlog,
+                                                pass_fds=[self.dst_region.fd], connect=False)
+        self.place.rt.procs.adopt(self.dst)
+        self.sampler.procs.append(self.dst)
+        self.note(dst_pid=self.dst.pid, dst_start=self.dst.ref.start_time,
+                  dst_qmp=str(self.qmp_path), dst_serial=str(self.serial),
+                  dst_log=str(self.qlog), dst_instance=self.inst)
+
+    async def verify(self) -> None:
+        assert self.dst is not None
+        if self.cpr:
+            await self._wait_cpr_socket()
+            return
+        await self.dst.connect()
+        if self.mode is not MigrationMode.ZERO_COPY:
+            return
+        # Refuse unless the destination maps this very region, shared (DESIGN §4.3, §4.4).
+        assert self.src_region is not None
+        dst_fd = await ram_fd_of(self.dst)
+        self.src_region.verify(read_identity_of(self.dst.pid, dst_fd))
+        self._dst_fd = dst_fd
+        for proc in (self.src, self.dst):
+            share = await proc.execute("qom-get", {"path": f"/objects/{RAM_ID}",
+                                                   "property": "share"})
+            if share is not True:
+                raise RegionError(f"QEMU {proc.pid} maps guest RAM without share=on")
+
+    async def _wait_cpr_socket(self) -> None:
+        """cpr-transfer: the new QEMU listens on the cpr socket; its QMP opens afterwards."""
+        assert self.dst is not None
+        deadline = time.monotonic() + 20
+        while not self.cpr_sock.exists():
+            if not self.dst.alive():
+                raise LaunchError(f"new QEMU exited: {self.dst.log_tail()}")
+            if time.monotonic() > deadline:
+                raise LaunchError("new QEMU did not open its cpr socket")
+            await asyncio.sleep(0.005)
+
+    async def configure(self, src: Party, dst: Party) -> None:
+        if self.cpr:  # the destination's QMP opens only after the cpr handshake
+            await self.src_qmp("migrate-set-parameters", {"mode": "cpr-transfer"})
+            return
+        await super().configure(src, dst)
+
+    async def listen(self) -> str:
+        uri = f"unix:{self.main_sock}"
+        if not self.cpr:
+            await self.dst_qmp("migrate-incoming", {"uri": uri})
+        return uri
+
+    # ---- SWITCH ------------------------------------------------------------------------------
+    async def switch(self, uri: str) -> None:
+        if not self.cpr:
+            await super().switch(uri)
+            return
+        assert self.dst is not None
+        addr = {"transport": "socket", "type": "unix"}
+        await self.src_qmp("migrate", {"channels": [
+            {"channel-type": "main", "addr": {**addr, "path": str(self.main_sock)}},
+            {"channel-type": "cpr", "addr": {**addr, "path": str(self.cpr_sock)}}]})
+        await self.dst.connect()
+        await self.dst.execute("migrate-incoming", {"uri": uri})
+
+    # ---- CONFIRM -----------------------------------------------------------------------------
+    async def dest_state(self) -> tuple[bool, str | None]:
+        assert self.dst is not None
+        if not self.dst.alive():
+            return False, None
+        with contextlib.suppress(VmbeamError):
+            return True, await self.dst.run_state()
+        return self.dst.alive(), None
+
+    def dest_failed(self, alive: bool) -> str:
+        assert self.dst is not None
+        return (f"destination QEMU {'did not start' if alive else 'died'} after the switch "
+                f"({self.dst.log_tail(2)})")
+
+    def measure_confirmed(self) -> None:
+        assert self.dst is not None
+        self.cpu = cpu_seconds(self.src.pid) - self._cpu0 + cpu_seconds(self.dst.pid)
+
+    # ---- RELOCATE: the destination runs the guest; the source quits ------------------------
+    def commit(self) -> None:
+        assert self.dst is not None
+        rec = self.rec
+        rec.pid, rec.pid_start = self.dst.pid, self.dst.ref.start_time
+        rec.qmp_path, rec.serial_path = str(self.qmp_path), str(self.serial)
+        rec.log_path, rec.instance = str(self.qlog), self.inst
+        if self.dst_region is not None:
+            rec.region_id = self.dst_region.region_id
+        rec.qemu = self.spec.qemu
+
+    async def relocate(self) -> None:
+        assert self.dst is not None
+        if self.opts.compare_frames and self.mode is not MigrationMode.PRECOPY:
+            self.frames = await asyncio.to_thread(self._compare, self.src.pid, self.dst.pid)
+        self.sampler.sample()
+        await self.sampler.stop()
+        await self.src.quit()
+        self.place.rt.procs.forget(self.src)
+
+    def _compare(self, pid_a: int, pid_b: int) -> FrameComparison | None:
+        try:
+            inode = (os.stat(f"/proc/{pid_b}/fd/{self._dst_fd}").st_ino
+                     if self._dst_fd is not None else find_memfd_inode(pid_a, self.rec.memory))
+            return compare_frames(pid_a, pid_b, inode, self.rec.memory)
+        except (RegionError, OSError):
+            return None
+
+    async def heartbeat(self) -> Heartbeat | None:
+        return read_status(Path(self.rec.serial_path)).heartbeat
+
+    async def wait_heartbeat(self, after_seq: int, timeout: float) -> Heartbeat | None:
+        return await wait_for_heartbeat(Path(self.rec.serial_path), after_seq=after_seq,
+                                        timeout=timeout)
+
+    def fill(self, result: MigrationResult) -> None:
+        f = self.frames
+        result.shared_frames_ratio = f.ratio if f else None
+        result.frames = ({"pages": f.pages, "present_source": f.present_a,
+                          "present_dest": f.present_b, "present_both": f.both,
+                          "same_frame": f.same} if f else None)
+        result.peak_qemu_memory_bytes = self.sampler.peak
+        result.qemu_cpu_seconds = round(self.cpu, 3)
+
+    # ---- rollback ----------------------------------------------------------------------------
+    async def drop_dest(self) -> None:
+        if self.dst is not None:
+            self.dst.kill()
+            self.place.rt.procs.forget(self.dst)
+
+    async def source_alive(self) -> tuple[bool, str]:
+        if self.src.alive():
+            try:
+                await self.src.execute("query-status")
+            except VmbeamError:
+                # A killed QEMU's sockets close a moment before it is seen gone (more so
+                # on a loaded host): give it that moment before calling it alive.
+                await dies_within(self.src, 2.0)
+        return self.src.alive(), f"its QEMU, pid {self.src.pid}: {self.src.log_tail(2)}"
+
+    async def cleanup(self) -> None:
+        await self.sampler.stop()
+        keep = faults.hooks().dest_region
+        for region in {id(r): r for r in (self.src_region, self.dst_region)
+                       if r is not None}.values():
+            if region is not keep:
+                region.close()
+
+
+class CloudRoute(Route):
+    """A move of a guest in one cloud VM to another cloud VM of the same tenant."""
+
+    where = "cloud-vm"
+    poll = 0.005  # every QMP call is an agent round trip inside the L1s
+    guest_timeout = 60.0
+
+    def __init__(self, ops: CloudOps, rec: GuestRecord, src_vm: CloudVMRecord,
+                 dst_vm: CloudVMRecord, opts: MigrationOptions) -> None:
+        super().__init__(rec, opts)
+        self.ops, self.src_vm, self.dst_vm = ops, src_vm, dst_vm
+        self.src_agent, self.dst_agent = ops.agent(src_vm), ops.agent(dst_vm)
+        self.src_l1, self.dst_l1 = ops.l1(src_vm), ops.l1(dst_vm)
+        self.tls = ops.rt.settings.migration_tls.applies(self.mode is MigrationMode.ZERO_COPY)
+        self.dst_region_id = ""
+        self.src_region_id = rec.region_id
+        self.started: L2Started | None = None
+        self.dst_pid = 0
+        self.detached = False
+        self._cpu0 = 0.0
+        self._net0 = 0
+        self.cpu = 0.0
+        self.net = 0
+
+    async def src_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.src_agent.qmp(self.rec.name, cmd, args)
+
+    async def dst_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.dst_agent.qmp(self.rec.name, cmd, args)
+
+    @property
+    def hook_target(self) -> Any:
+        return self.dst_agent
+
+    async def open(self) -> None:
+        # Both agent channels for the whole move, taken in one global order so that two
+        # commands moving guests in opposite directions cannot each hold one and wait.
+        for agent in sorted((self.src_agent, self.dst_agent), key=lambda a: a.name):
+            await agent.connect()
+
+    def measure_start(self) -> None:
+        self._cpu0 = sum(cpu_seconds(p.pid) for p in (self.src_l1, self.dst_l1))
+
+    async def _net_bytes(self) -> int:
+        """rx+tx bytes of the destination cloud VM's tap (its whole L1-L1 traffic)."""
+        if not self.dst_vm.lab or not self.dst_vm.tap:
+            return 0
+        return await self.ops.lab(self.dst_vm).link_bytes(self.dst_vm.tap)
+
+    # ---- SHARE: the guest's region (or a fresh one) hot-plugged into the destination ------
+    async def share(self) -> None:
+        self.note(src_cloud_vm=self.src_vm.name, dst_cloud_vm=self.dst_vm.name,
+                  src_region=self.rec.region_id)
+        self._net0 = await self._net_bytes()
+        if self.mode is MigrationMode.ZERO_COPY:
+            region = await self._reopen_region()
+        else:
+            region = BeamRegion.create(self.rec.memory, self.rec.name, pow2=True)
+        with region:
+            # Journaled before the hot-plug, so that recovery knows what to take back.
+            self.dst_region_id = region.region_id
+            self.note(dst_region=region.region_id)
+            if self.mode is not MigrationMode.ZERO_COPY:
+                self.ops.store.add_region(region.region_id, self.rec.name, self.rec.tenant,
+                                          self.rec.memory, region.size)
+            await self.ops.attach(self.dst_vm, region)
+
+    async def _reopen_region(self) -> BeamRegion:
+        """Our own handle on the guest's region, taken from the source cloud VM's QEMU."""
+        att = self.src_vm.attachments.get(self.rec.region_id)
+        if att is None:
+            raise RegionError(f"region {self.rec.region_id} is not attached to "
+                              f"{self.src_vm.name}")
+        for fdset in await self.src_l1.execute("query-fdsets"):
+            if fdset["fdset-id"] == att["fdset"]:
+                return BeamRegion.open_from_process(self.src_l1.pid, fdset["fds"][0]["fd"],
+                                                    self.rec.region_id)
+        raise RegionError(f"fdset {att['fdset']} of region {self.rec.region_id} is gone")
+
+    # ---- PREPARE: the destination agent checks the region and starts the incoming L2 -------
+    async def launch(self) -> None:
+        # The agent refuses a region that is not mapped there or holds another size; the
+        # NIC (a tap on the destination's lab bridge) is plumbed before the switch.
+        self.started = await self.dst_agent.start_guest(
+            self.rec.name, memory=self.rec.memory, image=self.rec.image, touch=self.rec.touch,
+            region_id=self.dst_region_id, incoming=True, **self.ops.nic_args(self.rec))
+
+    async def tune(self, src: Party, dst: Party) -> None:
+        if self.mode is not MigrationMode.ZERO_COPY:
+            # A TCG guest rewrites its pages faster than the L1-L1 virtio link carries
+            # them: without throttling, precopy never converges.
+            src.caps["auto-converge"] = True
+            src.params["downtime-limit"] = NESTED_DOWNTIME_LIMIT_MS
+        else:
+            src.caps["auto-converge"] = False
+        creds = await self._migration_tls()
+        src.params["tls-creds"] = dst.params["tls-creds"] = creds
+
+    async def _migration_tls(self) -> str:
+        """A fresh pre-shared key for both ends (or "" = TLS off); returns the creds id."""
+        if not self.tls:
+            return ""
+        key = secrets.token_hex(32)
+        creds = ""
+        for agent, endpoint in ((self.src_agent, "client"), (self.dst_agent, "server")):
+            creds = await agent.migration_tls(self.rec.name, endpoint, key)
+        return creds
+
+    async def listen(self) -> str:
+        # Port 0: the kernel picks a free one, so that moves into one cloud VM can overlap.
+        await self.dst_qmp("migrate-incoming", {"uri": "tcp:0.0.0.0:0"})
+        listening = await self.dst_qmp("query-migrate")
+        port = int(listening["socket-address"][0]["port"])
+        return f"tcp:{self.dst_vm.ip.split('/')[0]}:{port}"
+
+    async def last_look(self) -> None:
+        # The destination's agent and its incoming QEMU must both still be there.
+        assert self.started is not None
+        st = await self.dst_agent.status(self.rec.name, timeout=10)
+        if st.agent_pid != self.started.agent_pid:
+            raise AgentError("the destination agent restarted during prepare")
+        if st.run_state != "inmigrate":
+            raise AgentError(f"destination QEMU is {st.run_state}")
+
+    # ---- CONFIRM -----------------------------------------------------------------------------
+    async def dest_state(self) -> tuple[bool, str | None]:
+        try:
+            st = await self.dst_agent.status(self.rec.name)
+        except VmbeamError:
+            return True, None  # not known yet: ask again until the deadline
+        self.dst_pid = st.pid
+        return st.alive, st.run_state
+
+    def dest_failed(self, alive: bool) -> str:
+        return (f"destination in {self.dst_vm.name} "
+                f"{'did not run' if alive else 'died'} after the switch")
+
+    def measure_confirmed(self) -> None:
+        self.cpu = sum(cpu_seconds(p.pid) for p in (self.src_l1, self.dst_l1)) - self._cpu0
+
+    # ---- RELOCATE: the source L2 quits; its cloud VM lets go of the region ------------------
+    def commit(self) -> None:
+        self.rec.cloud_vm, self.rec.pid = self.dst_vm.name, self.dst_pid
+        self.rec.region_id = self.dst_region_id
+
+    async def relocate(self) -> None:
+        self.net = await self._net_bytes() - self._net0
+        await self.src_agent.stop_guest(self.rec.name)
+        await self.ops.release(self.src_vm, self.src_region_id)
+        if self.src_region_id != self.dst_region_id:
+            self.ops.store.remove_region(self.src_region_id)
+        self.detached = await self._detached_from_source(self.src_region_id)
+
+    async def _detached_from_source(self, region_id: str) -> bool:
+        """Checked through L0's QMP: the source cloud VM no longer has the region's device."""
+        objs = await self.src_l1.execute("qom-list", {"path": "/objects"})
+        return not any(o["name"] == f"region-{region_id[:8]}" for o in objs)
+
+    async def heartbeat(self) -> Heartbeat | None:
+        return await self.ops.heartbeat(self.rec)
+
+    async def wait_heartbeat(self, after_seq: int, timeout: float) -> Heartbeat | None:
+        return await self.ops.wait_heartbeat(self.rec, after_seq, timeout=timeout)
+
+    def fill(self, result: MigrationResult) -> None:
+        result.source_cloud_vm, result.dest_cloud_vm = self.src_vm.name, self.dst_vm.name
+        result.source_detached, result.network_bytes = self.detached, self.net
+        result.l0_cpu_seconds = result.qemu_cpu_seconds = round(self.cpu, 3)
+        result.tls = self.tls
+
+    # ---- rollback ----------------------------------------------------------------------------
+    async def drop_dest(self) -> None:
+        name = self.rec.name
+        dst_alive = self.dst_l1.alive()
+        if self.started is not None and dst_alive:
+            with contextlib.suppress(VmbeamError):
+                # The agent may be restarting: wait for it rather than leave the incoming
+                # QEMU behind.
+                await self.dst_agent.wait_ready(30)
+                await self.dst_agent.stop_guest(name, kill=True)
+        if self.dst_region_id:
+            with contextlib.suppress(VmbeamError):
+                await self.ops.release(self.dst_vm, self.dst_region_id)
+            if self.dst_region_id != self.rec.region_id:
+                self.ops.store.remove_region(self.dst_region_id)
+
+    async def source_alive(self) -> tuple[bool, str]:
+        src = await self.ops.l2_status(self.src_vm.name, self.rec.name, wait=10)
+        where = "its cloud VM died" if not self.src_l1.alive() else "its L2 QEMU is gone"
+        return src.alive, f"in {self.src_vm.name}: {where}"
+
+    def resumed_text(self) -> str:
+        return f"guest still running in {self.src_vm.name}"
+
+
+__all__ = ["CloudRoute", "LocalRoute", "ram_fd_of"]

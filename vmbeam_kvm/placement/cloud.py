@@ -1,0 +1,349 @@
+"""The cloud-VM placement: cloud VMs (L1) on this host and the guests (L2) inside them.
+
+This host plays L0. A cloud VM is a QEMU here whose agent (reached over a virtio-serial
+channel) runs L2 QEMUs inside it. A guest in a cloud VM has its RAM in a beam region on L0,
+hot-plugged into that cloud VM as an ivshmem device; every call to its QEMU goes through the
+agent. :class:`CloudOps` owns the cloud VMs' lifecycle, their hot-plug bookkeeping and the
+L2 guests' lifecycle; the migration engine uses its steps for moves between cloud VMs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..agent.protocol import GONE, AgentClient, L2Status
+from ..checks import check_new_guest
+from ..cloudvm import (
+    CLOUD_VM_CPUS,
+    CloudVMRecord,
+    CloudVMState,
+    TcgTuning,
+    attach_region,
+    build_source_disk,
+    cloudvm_argv,
+    detach_region,
+    launch_cloudvm,
+    mac_for,
+)
+from ..config import LAB_CLOUD_VM_HOSTS, LAB_GUEST_HOSTS
+from ..errors import AgentError, BadInputError, NetworkError, VmbeamError
+from ..heartbeat import Heartbeat
+from ..qemu.process import ProcessRef, QemuProcess
+from ..region import BeamRegion
+from ..runtime import Runtime
+from ..store import GuestRecord, GuestState
+from ..units import check_name, parse_percent, parse_size
+from . import GuestStatus
+
+if TYPE_CHECKING:  # pyroute2 is an L0 dependency: the agent in a cloud VM has none
+    from ..net import LabNetwork
+
+log = logging.getLogger(__name__)
+
+
+class CloudOps:
+    """Cloud VMs and the guests inside them, for one open host (a :class:`Placement`)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.store = rt.store
+        self._agents: dict[str, AgentClient] = {}
+        self._setup_lock = asyncio.Lock()
+        self._plug_locks: dict[str, asyncio.Lock] = {}
+
+    async def close(self) -> None:
+        """Let go of every agent channel (each serves one client at a time)."""
+        for agent in self._agents.values():
+            await agent.close()
+        self._agents.clear()
+
+    # -- cloud VMs ------------------------------------------------------------------------
+    def vm(self, name: str) -> CloudVMRecord:
+        return self.store.get_cloud_vm(name)
+
+    def l1(self, rec: CloudVMRecord) -> QemuProcess:
+        """The cloud VM's QEMU on this host."""
+        return self.rt.procs.attach(ProcessRef(rec.pid, rec.pid_start), Path(rec.qmp_path),
+                                    Path(rec.log_path))
+
+    def agent(self, rec: CloudVMRecord) -> AgentClient:
+        client = self._agents.get(rec.name)
+        if client is None or str(client.path) != rec.agent_path:
+            client = self._agents[rec.name] = rec.agent
+        return client
+
+    def lab(self, rec: CloudVMRecord) -> LabNetwork:
+        """The lab network cloud VM ``rec`` is on."""
+        from ..net import LabNetwork
+        return LabNetwork(rec.lab, self.rt.settings.lab_subnet)
+
+    def reap(self) -> None:
+        """Record cloud VMs whose QEMU died behind our back as lost, with their guests.
+
+        The regions they had attached are gone from them (the kernel closed the dead QEMU's
+        fds); the guests' region records stay until ``guest stop``.
+        """
+        for vm in self.store.cloud_vms():
+            if vm.state is not CloudVMState.RUNNING or self.l1(vm).alive():
+                continue
+            log.warning("cloud VM %s (pid %d) is gone", vm.name, vm.pid)
+            vm.state, vm.attachments = CloudVMState.LOST, {}
+            self.store.update_cloud_vm(vm)
+            self.store.log_event("lost", vm.name, f"cloud VM QEMU pid {vm.pid} died")
+            for guest in self.store.guests():
+                if guest.cloud_vm == vm.name and guest.state is GuestState.RUNNING:
+                    guest.state = GuestState.LOST
+                    self.store.update_guest(guest)
+
+    @contextlib.asynccontextmanager
+    async def plugging(self, vm: CloudVMRecord) -> AsyncIterator[CloudVMRecord]:
+        """Hot-plug work on cloud VM ``vm``: one at a time in this process (other commands
+        hold its agent channel meanwhile), on its current record; only the attachments
+        that changed are written back, and ``vm`` is brought up to date."""
+        async with self._plug_locks.setdefault(vm.name, asyncio.Lock()):
+            cur = self.store.get_cloud_vm(vm.name)
+            before = dict(cur.attachments)
+            try:
+                yield cur
+            finally:
+                for rid in before.keys() | cur.attachments.keys():
+                    if before.get(rid) != cur.attachments.get(rid):
+                        self.store.record_attachment(vm.name, rid, cur.attachments.get(rid))
+                vm.attachments = cur.attachments
+
+    async def attach(self, vm: CloudVMRecord, region: BeamRegion) -> None:
+        """Hot-plug ``region`` into cloud VM ``vm`` and record it."""
+        async with self.plugging(vm) as cur:
+            await attach_region(self.l1(cur), cur, region)
+
+    async def release(self, vm: CloudVMRecord, region_id: str) -> None:
+        """Hot-unplug ``region_id`` from ``vm`` (waiting for the eject) and record it; a
+        dead cloud VM's QEMU holds nothing any more, so only the record changes."""
+        async with self.plugging(vm) as cur:
+            l1 = self.l1(cur)
+            if l1.alive():
+                await detach_region(l1, cur, region_id)
+            else:
+                cur.attachments.pop(region_id, None)
+
+    def running_vm(self, name: str) -> CloudVMRecord:
+        rec = self.vm(name)
+        if rec.state is not CloudVMState.RUNNING or not self.l1(rec).alive():
+            raise BadInputError(f"cloud VM {name!r} is not running ({rec.state.value})")
+        return rec
+
+    async def start_cloud_vm(self, name: str, tenant: str, memory: int | str = "2G",
+                             cpus: int = CLOUD_VM_CPUS,
+                             lab: LabNetwork | None = None) -> CloudVMRecord:
+        """Boot a cloud VM and wait for its agent; raises LaunchError naming it (with its
+        console's tail) when it does not come up, twice."""
+        size = parse_size(memory)
+        if not tenant:
+            raise BadInputError("a cloud VM needs a tenant")
+        check_name(name, "name")
+        d = self.store.state_dir / "cloudvms" / name
+        rec = CloudVMRecord(name=name, tenant=tenant, memory=size, cpus=cpus,
+                            state=CloudVMState.STARTING, qmp_path=str(d / "qmp.sock"),
+                            agent_path=str(d / "agent.sock"),
+                            console_path=str(d / "console.log"), log_path=str(d / "qemu.log"))
+        self.store.add_cloud_vm(rec)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if lab is not None:
+                async with self._setup_lock:  # one namespace, one address per cloud VM
+                    await lab.create()
+                    used = {vm.ip for vm in self.store.cloud_vms()}
+                    rec.lab = lab.ns
+                    rec.ip = next(a for a in (lab.address(i) for i in LAB_CLOUD_VM_HOSTS)
+                                  if a not in used)
+                    rec.tap = f"tap-{name}"[:15]
+                    self.store.update_cloud_vm(rec)
+                    await lab.add_tap(rec.tap)
+            settings = self.rt.settings
+            qemu = settings.resolve_qemu()
+            from ..accel import resolve_accel
+            accel = await resolve_accel(settings.accel, qemu, settings.images_dir,
+                                        settings.state_dir)
+            async with self._setup_lock:  # concurrent starts share one source disk
+                disk = await asyncio.to_thread(build_source_disk, settings.state_dir,
+                                               settings.images_dir)
+            argv = cloudvm_argv(rec, qemu=qemu, accel=accel, images_dir=settings.images_dir,
+                                src_disk=disk, mac=mac_for(name),
+                                tcg=TcgTuning.parse(settings.cloudvm_tcg))
+            proc = await launch_cloudvm(rec, argv, lab, self.agent(rec))
+            self.rt.procs.adopt(proc)
+            rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
+            rec.state = CloudVMState.RUNNING
+            self.store.update_cloud_vm(rec)
+            return rec
+        except BaseException:
+            if lab is not None and rec.tap:
+                with contextlib.suppress(NetworkError):  # keep the error that got us here
+                    await lab.remove_tap(rec.tap)
+            self.store.remove_cloud_vm(name)
+            raise
+
+    async def stop_cloud_vm(self, name: str) -> None:
+        """Stop the cloud VM's guests, then the cloud VM; its regions are released."""
+        rec = self.vm(name)
+        for guest in self.store.guests():
+            if guest.cloud_vm == name:
+                await self.stop_guest(guest.name)
+        rec = self.vm(name)
+        proc = self.l1(rec)
+        if proc.alive():
+            await proc.quit(timeout=20)
+        self.rt.procs.forget(proc)
+        agent = self._agents.pop(name, None)
+        if agent is not None:
+            await agent.close()
+        if rec.lab and rec.tap:
+            await self.lab(rec).remove_tap(rec.tap)
+        self.store.remove_cloud_vm(name)
+
+    # -- guests in cloud VMs --------------------------------------------------------------
+    def _guest_ip(self, vm: CloudVMRecord) -> str:
+        """A free lab address for a guest (cloud VMs count up from .2, guests from .100)."""
+        net = self.lab(vm)
+        used = {g.ip for g in self.store.guests()} | {v.ip for v in self.store.cloud_vms()}
+        return next(a for a in (net.address(i) for i in LAB_GUEST_HOSTS) if a not in used)
+
+    def nic_args(self, rec: GuestRecord) -> dict[str, Any]:
+        """The agent's NIC arguments for ``rec`` (none for a guest without an address)."""
+        return {"mac": mac_for(f"l2:{rec.name}"), "ip": rec.ip} if rec.ip else {}
+
+    async def start_guest(self, name: str, cloud_vm: str, memory: int | str, *,
+                          image: str = "test", touch: int | str = 70,
+                          net: bool | None = None) -> GuestRecord:
+        """Create the guest's region on L0, attach it to ``cloud_vm``, start the L2 there.
+
+        ``net`` gives the guest a NIC on the lab network (default: for Linux guests).
+        Raises BadInputError (nothing changed) or the error that stopped it (everything
+        started is undone).
+        """
+        size, pct = parse_size(memory), parse_percent(touch)
+        if image not in ("test", "linux"):
+            raise BadInputError(f"unknown image {image!r}: use test or linux")
+        check_new_guest(self.store, name, size, in_cloud_vm=True)
+        vm = self.running_vm(cloud_vm)
+        rec = GuestRecord(name=name, image=image, memory=size, touch=pct, accel="tcg",
+                          qemu="qemu-system-x86_64", state=GuestState.STARTING,
+                          cloud_vm=vm.name, tenant=vm.tenant)
+        if (image == "linux" if net is None else net) and vm.lab:
+            rec.ip = self._guest_ip(vm)
+        self.store.add_guest(rec)
+        try:
+            with self.store.lock_guest(name), BeamRegion.create(size, name, pow2=True) as reg:
+                await self.attach(vm, reg)
+                self.store.add_region(reg.region_id, name, vm.tenant, size, reg.size)
+                rec.region_id = reg.region_id
+                started = await self.agent(vm).start_guest(
+                    name, memory=size, image=image, touch=pct, region_id=reg.region_id,
+                    **self.nic_args(rec))
+                rec.pid, rec.state = started.pid, GuestState.RUNNING
+                self.store.update_guest(rec)
+                return rec
+        except BaseException:
+            with contextlib.suppress(VmbeamError):
+                await self.agent(vm).stop_guest(name, kill=True)
+            if rec.region_id:
+                with contextlib.suppress(VmbeamError):
+                    await self.release(vm, rec.region_id)
+                self.store.remove_region(rec.region_id)
+            self.store.remove_guest(name)
+            raise
+
+    async def stop_guest(self, name: str) -> None:
+        """Stop every copy of the guest and release every region of it, wherever attached
+        (after a move that needs action, both cloud VMs may hold one)."""
+        rec = self.store.get_guest(name)
+        with self.store.lock_guest(name):
+            regions = {r["region_id"] for r in self.store.regions() if r["guest"] == name}
+            regions |= {rec.region_id} - {""}
+            for vm in self.store.cloud_vms():
+                held = [r for r in regions if r in vm.attachments]
+                if (vm.name != rec.cloud_vm and not held) or not self.l1(vm).alive():
+                    continue
+                with contextlib.suppress(AgentError):
+                    await self.agent(vm).stop_guest(name)
+                for region_id in held:
+                    await self.release(vm, region_id)
+            for region_id in regions:
+                self.store.remove_region(region_id)
+            self.store.remove_guest(name)
+
+    async def l2_status(self, vm_name: str, name: str, wait: float = 0) -> L2Status:
+        """The agent's view of guest ``name`` in cloud VM ``vm_name``; :data:`GONE` when it
+        certainly does not run there (the cloud VM is gone, or its agent has no such guest).
+        ``wait``: how long to wait for an agent that is restarting. AgentError when unknown.
+        """
+        try:
+            vm = self.vm(vm_name)
+        except BadInputError:
+            return GONE
+        if vm.state is not CloudVMState.RUNNING or not self.l1(vm).alive():
+            return GONE
+        try:
+            if wait:
+                await self.agent(vm).wait_ready(wait)
+            return await self.agent(vm).status(name)
+        except AgentError as exc:
+            if exc.remote_type == BadInputError.__name__:
+                return GONE  # the agent answered: it runs no such guest
+            raise
+
+    # -- the Placement interface ------------------------------------------------------------
+    async def status(self, rec: GuestRecord) -> GuestStatus:
+        st: L2Status | None = None
+        with contextlib.suppress(VmbeamError):
+            st = await self.l2_status(rec.cloud_vm, rec.name)
+        if st is not None and not st.alive and rec.state is GuestState.RUNNING:
+            # Its agent (or the cloud VM's end) says it is gone: record it, don't pretend.
+            rec.state = GuestState.LOST
+            self.store.update_guest(rec)
+        hb = st.heartbeat if st is not None else None
+        return GuestStatus(
+            name=rec.name, state=rec.state.value, image=rec.image, memory_bytes=rec.memory,
+            touch_percent=rec.touch, accel=rec.accel,
+            pid=st.pid if st is not None and st.pid else rec.pid,
+            alive=st is not None and st.alive, run_state=st.run_state if st else None,
+            booted=hb is not None, ready=hb is not None, heartbeat=hb,
+            memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
+            instance=rec.instance, serial_log="", cloud_vm=rec.cloud_vm, tenant=rec.tenant,
+            ip=rec.ip)
+
+    async def stop(self, rec: GuestRecord) -> None:
+        await self.stop_guest(rec.name)
+
+    async def qmp(self, rec: GuestRecord, cmd: str, args: dict[str, Any] | None = None
+                  ) -> Any:
+        return await self.agent(self.vm(rec.cloud_vm)).qmp(rec.name, cmd, args)
+
+    async def heartbeat(self, rec: GuestRecord) -> Heartbeat | None:
+        return (await self.l2_status(rec.cloud_vm, rec.name)).heartbeat
+
+    async def wait_heartbeat(self, rec: GuestRecord, after_seq: int = -1,
+                             timeout: float = 120.0) -> Heartbeat | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(AgentError):
+                hb = await self.heartbeat(rec)
+                if hb is not None and hb.seq > after_seq:
+                    return hb
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.2)
+
+    async def guest_status(self, rec: GuestRecord) -> dict[str, Any]:
+        """The agent's view of the guest as a dict (``{"alive": False, ...}`` when gone)."""
+        st = await self.l2_status(rec.cloud_vm, rec.name)
+        return {"alive": st.alive, "run_state": st.run_state, "pid": st.pid,
+                "agent_pid": st.agent_pid,
+                "heartbeat": None if st.heartbeat is None else st.heartbeat.__dict__,
+                "region_id": st.region_id}
