@@ -20,6 +20,8 @@ import pytest
 from vmbeam_kvm import GuestBusyError, Host, MigrationError
 from vmbeam_kvm.agent.protocol import AgentClient
 from vmbeam_kvm.migrate.faults import injected
+from vmbeam_kvm.qemu.features import Guarantees, guarantees
+from vmbeam_kvm.region import references
 
 from .conftest import REPO, attached, cli, run_cli, settings_of
 
@@ -219,3 +221,53 @@ async def test_two_guests_into_one_cloud_vm_at_once(lab: dict[str, Any]) -> None
         assert st["run_state"] == "running" and st["memory_ok"] is True
         cli(lab, "guest", "stop", n)
     assert cli(lab, "region", "list") == []
+
+
+# -- patched QEMU (README "Patched QEMU"): run against stock QEMU these report the
+# -- guarantee as missing (xfail) instead of passing or skipping silently.
+async def _guarantees_of(host: Host, vm: str) -> Guarantees:
+    return await guarantees(host.cloud.l1(host.cloud.vm(vm)).execute)
+
+
+async def test_relocate_revokes_a_paused_source(lab: dict[str, Any], nested_guest: str) -> None:
+    """A source cloud VM paused between switch and relocate (neither its agent nor its
+    kernel can answer) loses the guest's memory at once; it ejects once resumed."""
+    async with Host(settings_of(lab)) as host:
+        if not (await _guarantees_of(host, "l1a")).revoke:
+            pytest.xfail("guarantee missing: x-revoke-memory-backend (stock QEMU): "
+                         "relocation needs the source cloud VM's help")
+        src = host.cloud.vm("l1a")
+        l1a = host.cloud.l1(src)
+        rid = host.store.get_guest(nested_guest).region_id
+        inode = await host.cloud.region_inode(src, rid)
+        assert inode is not None and references(l1a.pid, inode)
+
+        async def pause_source(_dst: AgentClient) -> None:
+            await l1a.execute("stop")
+
+        try:
+            with injected(after_switch=pause_source):
+                res = await host.cloud.migrate(nested_guest, "l1b")
+            assert await l1a.run_state() == "paused"  # it stayed paused throughout
+            assert res.guest_ok is True and res.source_detached is True
+            assert res.source_revoked_ms is not None and res.source_revoked_ms < 1000
+            assert res.source_ejected is False  # a paused L1 cannot acknowledge
+            assert not references(l1a.pid, inode)  # L0's own look: no mapping, no fd
+            assert "region" not in " ".join(res.guarantees_missing)
+        finally:
+            await l1a.execute("cont")
+        # Resumed, l1a ejects the device and runs on; the guest can move back into it.
+        assert await host.cloud.settle(host.cloud.vm("l1a"), rid, 60)
+        assert (await host.cloud.agent(host.cloud.vm("l1a")).ping()).guests == []
+        back = await host.cloud.migrate(nested_guest, "l1a")
+        assert back.guest_ok is True and back.source_ejected is True
+
+
+async def test_zero_copy_is_checked_by_qemu(lab: dict[str, Any], nested_guest: str) -> None:
+    """Both L2 QEMUs prove, inside the migration stream, that l1b's BAR is l1a's memory."""
+    async with Host(settings_of(lab)) as host:
+        res = await host.cloud.migrate(nested_guest, "l1b")
+        assert res.guest_ok is True
+        if not res.shared_ram_checked:
+            pytest.xfail(f"guarantee missing: {res.guarantees_missing}")
+        assert res.guarantees_missing == []

@@ -456,7 +456,10 @@ async def region_list(ctx: click.Context, as_json: bool) -> None:
         vms = host.store.cloud_vms()
         regions = host.store.regions()
         for r in regions:
-            r["attached_to"] = [v.name for v in vms if r["region_id"] in v.attachments]
+            atts = [(v.name, v.attachments.get(r["region_id"])) for v in vms]
+            r["attached_to"] = [n for n, a in atts if a is not None and not a.get("revoked")]
+            # Revoked from these cloud VMs (no access left); their eject is pending.
+            r["ejecting_from"] = [n for n, a in atts if a is not None and a.get("revoked")]
         for g in host.store.guests():
             if not g.cloud_vm and g.region_id:
                 regions.append({"region_id": g.region_id, "guest": g.name, "tenant": "",

@@ -27,6 +27,7 @@ import qemu.qmp
 from .agent.protocol import PORT_NAME, AgentClient
 from .config import CLOUD_VM_BOOT_TIMEOUT, REGION_EJECT_TIMEOUT, REPO_ROOT
 from .errors import AgentError, BadInputError, LaunchError, QMPCommandError, RegionError
+from .qemu.features import REVOKE_COMMAND
 from .qemu.process import ProcessRef, QemuProcess
 from .region import BeamRegion, read_identity_of
 
@@ -77,8 +78,10 @@ class CloudVMRecord:
         return AgentClient(Path(self.agent_path), self.name, Path(self.console_path))
 
 
-def source_tree(dest: Path, images_dir: Path) -> None:
-    """Lay out what the cloud VM mounts at /opt/vmbeam: code, qemu.qmp, images, start-agent."""
+def source_tree(dest: Path, images_dir: Path, l2_qemu: str | None = None) -> None:
+    """Lay out what the cloud VM mounts at /opt/vmbeam: code, qemu.qmp, images, start-agent,
+    and ``l2_qemu`` (L0's QEMU binary, when it is not the distribution's: the patched
+    build) for the agent to run the L2s with; the cloud VM has the same libraries."""
     lib = dest / "lib"
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc")
     shutil.copytree(REPO_ROOT / "vmbeam_kvm", lib / "vmbeam_kvm", ignore=ignore)
@@ -89,20 +92,24 @@ def source_tree(dest: Path, images_dir: Path) -> None:
     if (images_dir / "linux" / "vmlinux").exists():
         shutil.copytree(images_dir / "linux", dest / "images" / "linux",
                         ignore=shutil.ignore_patterns("modules", "memload", "rootfs"))
+    env = "export PYTHONPATH=/opt/vmbeam/lib VMBEAM_IMAGES_DIR=/opt/vmbeam/images\n"
+    if l2_qemu and Path(l2_qemu).resolve().parent != Path("/usr/bin"):
+        (dest / "qemu").mkdir()
+        shutil.copy2(Path(l2_qemu).resolve(), dest / "qemu" / "qemu-system-x86_64")
+        env += "export VMBEAM_AGENT_QEMU=/opt/vmbeam/qemu/qemu-system-x86_64\n"
     start = dest / "start-agent"
-    start.write_text("#!/bin/sh\n# Started (and restarted) by the cloud VM's init.\n"
-                     "export PYTHONPATH=/opt/vmbeam/lib VMBEAM_IMAGES_DIR=/opt/vmbeam/images\n"
-                     "exec python3 -m vmbeam_kvm.agent.server\n")
+    start.write_text("#!/bin/sh\n# Started (and restarted) by the cloud VM's init.\n" + env
+                     + "exec python3 -m vmbeam_kvm.agent.server\n")
     start.chmod(0o755)
 
 
-def build_source_disk(state_dir: Path, images_dir: Path) -> Path:
+def build_source_disk(state_dir: Path, images_dir: Path, l2_qemu: str | None = None) -> Path:
     """The source disk for cloud VMs, rebuilt only when its content changes."""
     work = state_dir / "srcdisk"
     tree = work / "tree"
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True)
-    source_tree(tree, images_dir)
+    source_tree(tree, images_dir, l2_qemu)
     digest = hashlib.sha256()
     for path in sorted(tree.rglob("*")):
         if path.is_file():
@@ -237,7 +244,11 @@ async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | 
 
 async def attach_region(proc: QemuProcess, rec: CloudVMRecord, region: BeamRegion) -> None:
     """Hot-plug ``region`` into the cloud VM (add-fd + object-add + device_add)."""
-    if region.region_id in rec.attachments:
+    att = rec.attachments.get(region.region_id)
+    if att is not None and att.get("revoked"):
+        raise RegionError(f"cloud VM {rec.name} has not yet ejected its earlier device of "
+                          f"region {region.region_id} (revoked; the eject is pending)")
+    if att is not None:
         return
     used = {a["port"] for a in rec.attachments.values()}
     free = [f"rp{i}" for i in range(ROOT_PORTS) if f"rp{i}" not in used]
@@ -269,6 +280,42 @@ async def attach_region(proc: QemuProcess, rec: CloudVMRecord, region: BeamRegio
     rec.attachments[region.region_id] = att
 
 
+async def revoke_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str) -> bool:
+    """Take region ``region_id`` away from the cloud VM at once, without its help (patched
+    QEMU's ``x-revoke-memory-backend``): its BAR reads as unassigned memory from now on,
+    and L0's QEMU of it no longer maps the region or holds an fd of it. The eject is asked
+    for but not waited on; the attachment stays recorded (``revoked``) until it is done.
+    Returns False when the cloud VM does not hold the region."""
+    att = rec.attachments.get(region_id)
+    if att is None:
+        return False
+    if not att.get("revoked"):
+        await proc.execute(REVOKE_COMMAND, {"id": att["obj"]})
+        with contextlib.suppress(QMPCommandError):
+            await proc.execute("remove-fd", {"fdset-id": att["fdset"]})
+        rec.attachments[region_id] = att = {**att, "revoked": True}
+    with contextlib.suppress(QMPCommandError):  # an eject asked for earlier is pending
+        await proc.execute("device_del", {"id": att["dev"]})
+    return True
+
+
+async def device_gone(proc: QemuProcess, dev: str) -> bool:
+    """Whether the cloud VM's QEMU no longer has device ``dev`` (its eject completed)."""
+    peripherals = await proc.execute("qom-list", {"path": "/machine/peripheral"})
+    return not any(p["name"] == dev for p in peripherals)
+
+
+async def settle_revoked(proc: QemuProcess, rec: CloudVMRecord) -> None:
+    """Finish what revocations left pending: where the cloud VM has ejected a revoked
+    region's device, its backend object goes and so does the attachment record (the
+    root port is free again)."""
+    for region_id, att in list(rec.attachments.items()):
+        if att.get("revoked") and await device_gone(proc, att["dev"]):
+            with contextlib.suppress(QMPCommandError):
+                await proc.execute("object-del", {"id": att["obj"]})
+            rec.attachments.pop(region_id, None)
+
+
 async def _unrecorded_attachment(proc: QemuProcess, region_id: str) -> dict[str, Any] | None:
     """An attachment of ``region_id`` the cloud VM's QEMU has but the store does not (a
     command died between hot-plugging it and recording it): found by the region's identity
@@ -290,6 +337,13 @@ async def detach_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str,
     if att is None and proc.alive():
         att = await _unrecorded_attachment(proc, region_id)
     if att is None:
+        return
+    if att.get("revoked"):
+        # Its memory is already gone from the cloud VM: ask for the eject again, do not
+        # wait on a cloud VM that may never answer; settle_revoked finishes it later.
+        with contextlib.suppress(QMPCommandError):
+            await proc.execute("device_del", {"id": att["dev"]})
+        await settle_revoked(proc, rec)
         return
     qmp = await proc.session()
     with qmp.listener("DEVICE_DELETED") as listener:

@@ -82,6 +82,18 @@ def check_lab_network(ns: str, subnet: str) -> None:
                             f"/{_LAB_MAX_PREFIX} or larger")
 
 
+# `make qemu` (scripts/build-qemu.sh) links the patched QEMU here (README "Patched QEMU").
+PATCHED_QEMU = REPO_ROOT / "build" / "qemu" / "qemu-system-x86_64"
+
+
+def _default_qemu() -> str:
+    """VMBEAM_QEMU if set, else the patched QEMU if built, else the distribution's."""
+    env = os.environ.get("VMBEAM_QEMU")
+    if env:
+        return env
+    return str(PATCHED_QEMU) if PATCHED_QEMU.exists() else "qemu-system-x86_64"
+
+
 def _default_images_dir() -> Path:
     return Path(os.environ.get("VMBEAM_IMAGES_DIR", str(REPO_ROOT / "build" / "images")))
 
@@ -91,8 +103,7 @@ class Settings:
     """Process-wide configuration of a vmbeam-kvm host."""
 
     state_dir: Path = field(default_factory=_default_state_dir)
-    qemu_binary: str = field(
-        default_factory=lambda: os.environ.get("VMBEAM_QEMU", "qemu-system-x86_64"))
+    qemu_binary: str = field(default_factory=_default_qemu)
     accel: Accel = field(default_factory=lambda: _enum_env(Accel, "VMBEAM_ACCEL", Accel.AUTO))
     images_dir: Path = field(default_factory=_default_images_dir)
     # The lab network of cloud VMs: a namespace of our own and a subnet inside it only.
@@ -138,6 +149,11 @@ NESTED_DOWNTIME_LIMIT_MS = 500
 # how long a command waits for an agent channel another command holds, default call limit.
 CLOUD_VM_BOOT_TIMEOUT = 120.0
 REGION_EJECT_TIMEOUT = 60.0
+# Relocation with a revoking QEMU: the source agent gets this long to quit the source L2
+# (its cloud VM may be hung: the memory is already revoked), and the eject asked for
+# afterwards is looked at for this long before the move reports it pending.
+SOURCE_QUIT_TIMEOUT = 3.0
+EJECT_GRACE = 3.0
 AGENT_LOCK_WAIT = 180.0
 AGENT_CALL_TIMEOUT = 60.0
 # Lab addresses (host indexes in the lab subnet): cloud VMs count up from .2, guests in

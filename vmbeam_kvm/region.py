@@ -11,6 +11,7 @@ through the destination's own mapping, so a destination that maps other memory i
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
@@ -52,6 +53,24 @@ def read_identity(fd: int) -> RegionIdentity:
         raise RegionError(f"file of {st.st_size} bytes is not a beam region")
     return parse_identity(os.pread(fd, _HEADER.size, st.st_size - PAGE_SIZE), st.st_size,
                           st.st_ino)
+
+
+def references(pid: int, inode: int) -> bool:
+    """Whether process ``pid`` maps the file of ``inode`` or holds an fd of it (L0's own
+    view of a cloud VM's QEMU: its /proc/PID/maps and /proc/PID/fd)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) >= 5 and fields[4] == str(inode):
+                    return True
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/fd/{fd}").st_ino == inode:
+                    return True
+    except FileNotFoundError:
+        return False  # the process is gone: it references nothing
+    return False
 
 
 def read_identity_of(pid: int, fd: int) -> RegionIdentity:

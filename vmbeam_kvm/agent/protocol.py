@@ -243,9 +243,11 @@ class AgentClient:
         ``BadInputError`` when the agent runs no such guest."""
         return L2Status.of(await self.call(Op.STATUS, timeout=timeout, name=name))
 
-    async def stop_guest(self, name: str, *, kill: bool = False) -> bool:
+    async def stop_guest(self, name: str, *, kill: bool = False,
+                         timeout: float = AGENT_CALL_TIMEOUT) -> bool:
         """Quit (or SIGKILL) the guest's L2 QEMU; False when the agent had no such guest."""
-        return bool((await self.call(Op.STOP_GUEST, name=name, kill=kill))["stopped"])
+        return bool((await self.call(Op.STOP_GUEST, timeout=timeout, name=name,
+                                     kill=kill))["stopped"])
 
     async def migration_tls(self, name: str, endpoint: str, key: str) -> str:
         """Give the guest's QEMU a TLS-PSK credential; returns its object id."""

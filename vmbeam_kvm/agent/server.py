@@ -364,6 +364,8 @@ def main() -> None:
     port = Path(os.environ.get("VMBEAM_AGENT_PORT", f"/dev/virtio-ports/{PORT_NAME}"))
     agent = Agent(port, Path(os.environ.get("VMBEAM_AGENT_STATE", "/run/vmbeam")),
                   Path(os.environ.get("VMBEAM_IMAGES_DIR", "/opt/vmbeam/images")),
+                  # L0's patched QEMU when it ships one on the source disk (README).
+                  qemu=os.environ.get("VMBEAM_AGENT_QEMU", "qemu-system-x86_64"),
                   # A small translation cache: TCG's default (1 GiB) crowds a 2 GiB cloud VM.
                   accel=os.environ.get("VMBEAM_AGENT_ACCEL", "tcg,tb-size=256"))
     asyncio.run(agent.serve())

@@ -28,6 +28,7 @@ from typing import Any
 from ..config import CONFIRM_TIMEOUT, HANDOVER_TIMEOUT, PRECOPY_TIMEOUT
 from ..errors import GuestLostError, MigrationError, Rollback, VmbeamError
 from ..heartbeat import Heartbeat
+from ..qemu.features import SHARED_RAM_CHECK, guarantees
 from ..store import GuestRecord, GuestState, MigrationPhase, Store
 from . import faults
 from .handover import DestWatch, QMPExecute, resume_source, wait_for_handover
@@ -60,10 +61,12 @@ class Route(ABC):
     where: str
     poll: float
     guest_timeout: float
+    probes_parties = True  # both QEMUs answer QMP before the switch (not cpr-transfer)
 
     def __init__(self, rec: GuestRecord, opts: MigrationOptions) -> None:
         self.rec, self.opts, self.mode = rec, opts, opts.mode
         self.src_pid = rec.pid  # the source QEMU's pid (as its placement numbers it)
+        self.switched_at = 0.0  # when the source handed over (monotonic)
         self.switch_started = False
 
     def note(self, **values: Any) -> None:
@@ -167,6 +170,10 @@ class Route(ABC):
         """This route's figures of the result."""
         return None
 
+    async def settle(self) -> None:
+        """After the move: finish what relocation left pending, if it finishes soon."""
+        return None
+
     async def cleanup(self) -> None:
         """Whatever the move held in this process, success or failure."""
         return None
@@ -185,6 +192,8 @@ class MigrationRun:
         self._t_start = self._mark = time.monotonic()
         self._last_ram = 0.0
         self._phase = MigrationPhase.SHARE
+        self.shared_ram_checked: bool | None = None
+        self.missing: list[str] = []
         route.note = self._note  # type: ignore[method-assign]
 
     def _note(self, **values: Any) -> None:
@@ -224,6 +233,23 @@ class MigrationRun:
             dirty_rate=int(ram.get("dirty-pages-rate", 0)),
             expected_downtime_ms=info.get("expected-downtime")))
 
+    async def _shared_ram_check(self, src: Party, dst: Party, zero_copy: bool) -> None:
+        """Zero-copy: have the QEMUs themselves prove that the destination maps the source's
+        shared RAM (patched QEMU, ``x-ignore-shared-check``), where both ends can; the
+        capability is set (or cleared) on every end that has it, every time."""
+        self.shared_ram_checked = None
+        if not self.route.probes_parties:
+            return
+        ends = [await guarantees(self.route.src_qmp), await guarantees(self.route.dst_qmp)]
+        both = all(g.shared_ram_check for g in ends)
+        for party, g in zip((src, dst), ends, strict=True):
+            if g.shared_ram_check:
+                party.caps[SHARED_RAM_CHECK] = zero_copy and both
+        if zero_copy:
+            self.shared_ram_checked = both
+            self.missing = sorted({m for g in ends for m in g.missing()
+                                   if SHARED_RAM_CHECK in m} | set(self.missing))
+
     def _handover_timeout(self) -> float:
         if self.opts.timeout is not None:
             return self.opts.timeout
@@ -250,6 +276,7 @@ class MigrationRun:
                 common = {"return-path": True, "x-ignore-shared": zero_copy}
                 src = Party(dict(common), {"max-bandwidth": self.opts.max_bandwidth})
                 dst = Party(dict(common))
+                await self._shared_ram_check(src, dst, zero_copy)
                 await route.tune(src, dst)
                 await route.configure(src, dst)
                 uri = await route.listen()
@@ -272,6 +299,7 @@ class MigrationRun:
             info = await wait_for_handover(route.src_qmp, self._handover_timeout(),
                                            dst=route.dest_watch(), poll=route.poll,
                                            on_info=self._on_info)
+            route.switched_at = time.monotonic()
             faults.crash_point(MigrationPhase.SWITCH)
             if hooks.after_switch is not None:
                 await hooks.after_switch(route.hook_target)
@@ -295,6 +323,7 @@ class MigrationRun:
             if self.opts.verify_guest:
                 hb1 = await route.wait_heartbeat(hb0.seq if hb0 else -1, route.guest_timeout)
                 guest_ok = hb1 is not None and hb1.ok
+            await route.settle()
 
             result = MigrationResult(
                 guest=name, mode=self.mode.value, status="completed",
@@ -304,6 +333,8 @@ class MigrationRun:
                 qemu_total_ms=info.get("total-time"), setup_ms=round(setup_ms, 3),
                 phases_ms=self.phases, source_pid=route.src_pid, dest_pid=self.rec.pid,
                 migration_id=self.mig_id, memory_bytes=self.rec.memory)
+            result.shared_ram_checked = self.shared_ram_checked
+            result.guarantees_missing = self.missing
             route.fill(result)
             self.store.journal(self.mig_id, MigrationPhase.DONE, result=result.to_json())
             self._emit(ProgressEvent(name, "phase", MigrationPhase.DONE.value,

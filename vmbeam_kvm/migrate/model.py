@@ -94,6 +94,14 @@ class MigrationResult:
     network_bytes: int | None = None   # bytes that crossed the destination cloud VM's NIC
     tls: bool | None = None            # the stream was TLS with a per-move pre-shared key
     l0_cpu_seconds: float | None = None  # CPU of every QEMU on L0 (the cloud VMs) meanwhile
+    # The device of the region is gone from the source cloud VM (its eject completed); with
+    # a revoking QEMU `source_detached` holds before the eject, from L0's own view.
+    source_ejected: bool | None = None
+    source_revoked_ms: float | None = None  # from the handover until the source lost access
+    # Zero-copy: QEMU itself checked that the destination maps the source's shared RAM
+    # (patched QEMU, both ends); False where a QEMU lacks the check, None for other modes.
+    shared_ram_checked: bool | None = None
+    guarantees_missing: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

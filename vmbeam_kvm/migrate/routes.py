@@ -22,15 +22,16 @@ from typing import Any
 
 from ..agent.protocol import L2Started
 from ..cloudvm import CloudVMRecord
-from ..config import NESTED_DOWNTIME_LIMIT_MS
+from ..config import EJECT_GRACE, NESTED_DOWNTIME_LIMIT_MS, SOURCE_QUIT_TIMEOUT
 from ..errors import AgentError, LaunchError, RegionError, VmbeamError
 from ..heartbeat import Heartbeat, read_status, wait_for_heartbeat
 from ..pagemap import FrameComparison, compare_frames, find_memfd_inode
 from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
+from ..qemu.features import Guarantees, guarantees
 from ..qemu.machine import RAM_ID, MachineSpec, build_argv
 from ..qemu.process import QemuProcess, cpu_seconds, host_memory_bytes
-from ..region import BeamRegion, read_identity_of
+from ..region import BeamRegion, read_identity_of, references
 from ..store import GuestRecord
 from . import faults
 from .engine import Party, Route
@@ -105,6 +106,10 @@ class LocalRoute(Route):
     @property
     def cpr(self) -> bool:
         return self.mode is MigrationMode.CPR_TRANSFER
+
+    @property
+    def probes_parties(self) -> bool:  # type: ignore[override]
+        return not self.cpr  # the new QEMU's QMP opens only after the cpr handshake
 
     async def src_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self.src.execute(cmd, args)
@@ -322,6 +327,9 @@ class CloudRoute(Route):
         self.started: L2Started | None = None
         self.dst_pid = 0
         self.detached = False
+        self.ejected = False
+        self.can_revoke = False
+        self.revoked_ms: float | None = None
         self._cpu0 = 0.0
         self._net0 = 0
         self.cpu = 0.0
@@ -386,6 +394,9 @@ class CloudRoute(Route):
     async def launch(self) -> None:
         # The agent refuses a region that is not mapped there or holds another size; the
         # NIC (a tap on the destination's lab bridge) is plumbed before the switch.
+        # A copy of this guest in the destination cloud VM is stale by definition (the
+        # guest runs in the source): one left by a move whose source was hung goes first.
+        await self.dst_agent.stop_guest(self.rec.name, kill=True)
         self.started = await self.dst_agent.start_guest(
             self.rec.name, memory=self.rec.memory, image=self.rec.image, touch=self.rec.touch,
             region_id=self.dst_region_id, incoming=True, **self.ops.nic_args(self.rec))
@@ -450,16 +461,36 @@ class CloudRoute(Route):
 
     async def relocate(self) -> None:
         self.net = await self._net_bytes() - self._net0
-        await self.src_agent.stop_guest(self.rec.name)
-        await self.ops.release(self.src_vm, self.src_region_id)
+        src_vm = self.ops.vm(self.src_vm.name)
+        inode = await self.ops.region_inode(src_vm, self.src_region_id)
+        self.can_revoke = (await guarantees(self.src_l1.execute)).revoke
+        if self.can_revoke:
+            # The source cloud VM loses the guest's memory now, whatever its kernel does
+            # (hung, paused, hostile); only then is it asked to quit its L2 (short deadline)
+            # and to eject the device (not waited on).
+            await self.ops.revoke(src_vm, self.src_region_id)
+            self.revoked_ms = round((time.monotonic() - self.switched_at) * 1000, 3)
+            try:
+                await self.src_agent.stop_guest(self.rec.name, timeout=SOURCE_QUIT_TIMEOUT)
+            except AgentError:
+                # Hung: its copy (paused, on revoked memory) is stopped once it answers.
+                await self.ops.note_stale(src_vm, self.src_region_id, self.rec.name)
+        else:
+            # Stock QEMU: relocation needs the source cloud VM to quit its L2 and eject.
+            await self.src_agent.stop_guest(self.rec.name)
+            await self.ops.release(src_vm, self.src_region_id)
         if self.src_region_id != self.dst_region_id:
             self.ops.store.remove_region(self.src_region_id)
-        self.detached = await self._detached_from_source(self.src_region_id)
+        # L0's own view: the source cloud VM's QEMU maps nothing of the region, holds no fd.
+        self.detached = inode is None or not await asyncio.to_thread(
+            references, self.src_l1.pid, inode)
 
-    async def _detached_from_source(self, region_id: str) -> bool:
-        """Checked through L0's QMP: the source cloud VM no longer has the region's device."""
-        objs = await self.src_l1.execute("qom-list", {"path": "/objects"})
-        return not any(o["name"] == f"region-{region_id[:8]}" for o in objs)
+    async def settle(self) -> None:
+        if self.can_revoke:
+            self.ejected = await self.ops.settle(self.ops.vm(self.src_vm.name),
+                                                 self.src_region_id, EJECT_GRACE)
+        else:
+            self.ejected = True  # release waited for the eject
 
     async def heartbeat(self) -> Heartbeat | None:
         return await self.ops.heartbeat(self.rec)
@@ -472,6 +503,11 @@ class CloudRoute(Route):
         result.source_detached, result.network_bytes = self.detached, self.net
         result.l0_cpu_seconds = result.qemu_cpu_seconds = round(self.cpu, 3)
         result.tls = self.tls
+        result.source_ejected = self.ejected
+        result.source_revoked_ms = self.revoked_ms
+        if not self.can_revoke:
+            result.guarantees_missing = sorted(
+                {*result.guarantees_missing, Guarantees(False, True).missing()[0]})
 
     # ---- rollback ----------------------------------------------------------------------------
     async def drop_dest(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,9 +31,16 @@ from ..cloudvm import (
     detach_region,
     launch_cloudvm,
     mac_for,
+    revoke_region,
+    settle_revoked,
 )
-from ..config import LAB_CLOUD_VM_HOSTS, LAB_GUEST_HOSTS
-from ..errors import AgentError, BadInputError, NetworkError, VmbeamError
+from ..config import (
+    AGENT_CALL_TIMEOUT,
+    LAB_CLOUD_VM_HOSTS,
+    LAB_GUEST_HOSTS,
+    SOURCE_QUIT_TIMEOUT,
+)
+from ..errors import AgentError, BadInputError, NetworkError, QMPCommandError, VmbeamError
 from ..heartbeat import Heartbeat
 from ..qemu.process import ProcessRef, QemuProcess
 from ..region import BeamRegion
@@ -110,6 +118,7 @@ class CloudOps:
             cur = self.store.get_cloud_vm(vm.name)
             before = dict(cur.attachments)
             try:
+                await self._settle(cur)
                 yield cur
             finally:
                 for rid in before.keys() | cur.attachments.keys():
@@ -131,6 +140,71 @@ class CloudOps:
                 await detach_region(l1, cur, region_id)
             else:
                 cur.attachments.pop(region_id, None)
+
+    async def revoke(self, vm: CloudVMRecord, region_id: str) -> bool:
+        """Take ``region_id`` away from cloud VM ``vm`` at once, without its help (needs the
+        patched QEMU: :func:`~vmbeam_kvm.cloudvm.revoke_region`); the eject stays pending."""
+        async with self.plugging(vm) as cur:
+            return await revoke_region(self.l1(cur), cur, region_id)
+
+    async def _settle(self, cur: CloudVMRecord) -> None:
+        """Finish what revocations left pending in cloud VM ``cur``: stop the L2 it could not
+        quit when its memory was revoked (it was hung) — only while that copy still runs on
+        the revoked region, never a copy that arrived since — then, once the cloud VM has
+        ejected the device, drop its backend and the record (the root port is free again)."""
+        pending = {r: a for r, a in cur.attachments.items() if a.get("revoked")}
+        l1 = self.l1(cur)
+        if not pending or not l1.alive():
+            return
+        for rid, att in pending.items():
+            stale = att.get("stale_guest")
+            if stale:
+                try:
+                    agent = self.agent(cur)
+                    st = await agent.status(stale, timeout=SOURCE_QUIT_TIMEOUT)
+                    if st.alive and st.region_id == rid:
+                        await agent.stop_guest(stale, kill=True, timeout=SOURCE_QUIT_TIMEOUT)
+                except AgentError as exc:
+                    if exc.remote_type != BadInputError.__name__:
+                        continue  # still not answering: next time
+                cur.attachments[rid] = {k: v for k, v in att.items() if k != "stale_guest"}
+        with contextlib.suppress(QMPCommandError):
+            await settle_revoked(l1, cur)
+
+    async def note_stale(self, vm: CloudVMRecord, region_id: str, guest: str) -> None:
+        """Record that cloud VM ``vm`` may still run a (paused, memoryless) copy of
+        ``guest`` on revoked region ``region_id``: it is stopped once the cloud VM answers."""
+        async with self.plugging(vm) as cur:
+            att = cur.attachments.get(region_id)
+            if att is not None:
+                cur.attachments[region_id] = {**att, "stale_guest": guest}
+
+    async def settle(self, vm: CloudVMRecord, region_id: str, grace: float) -> bool:
+        """Give a revoked region's eject (and the stop of a stale copy) up to ``grace``
+        seconds; True once the device is gone from ``vm`` and its record settled."""
+        deadline = time.monotonic() + grace
+        while True:
+            async with self.plugging(vm) as cur:
+                if not self.l1(cur).alive():
+                    return False
+                if region_id not in cur.attachments:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def region_inode(self, vm: CloudVMRecord, region_id: str) -> int | None:
+        """The inode of region ``region_id`` as cloud VM ``vm``'s QEMU holds it (None when
+        it holds no such region)."""
+        att = vm.attachments.get(region_id)
+        l1 = self.l1(vm)
+        if att is None or not l1.alive():
+            return None
+        for fdset in await l1.execute("query-fdsets"):
+            if fdset["fdset-id"] == att["fdset"] and fdset["fds"]:
+                with contextlib.suppress(OSError):
+                    return os.stat(f"/proc/{l1.pid}/fd/{fdset['fds'][0]['fd']}").st_ino
+        return None
 
     def running_vm(self, name: str) -> CloudVMRecord:
         rec = self.vm(name)
@@ -172,7 +246,7 @@ class CloudOps:
                                         settings.state_dir)
             async with self._setup_lock:  # concurrent starts share one source disk
                 disk = await asyncio.to_thread(build_source_disk, settings.state_dir,
-                                               settings.images_dir)
+                                               settings.images_dir, qemu)
             argv = cloudvm_argv(rec, qemu=qemu, accel=accel, images_dir=settings.images_dir,
                                 src_disk=disk, mac=mac_for(name),
                                 tcg=TcgTuning.parse(settings.cloudvm_tcg))
@@ -243,6 +317,9 @@ class CloudOps:
                 await self.attach(vm, reg)
                 self.store.add_region(reg.region_id, name, vm.tenant, size, reg.size)
                 rec.region_id = reg.region_id
+                # A copy of a guest of this name left by one stopped while this cloud VM
+                # was hung is stale by definition (the name was free): it goes first.
+                await self.agent(vm).stop_guest(name, kill=True)
                 started = await self.agent(vm).start_guest(
                     name, memory=size, image=image, touch=pct, region_id=reg.region_id,
                     **self.nic_args(rec))
@@ -268,10 +345,15 @@ class CloudOps:
             regions |= {rec.region_id} - {""}
             for vm in self.store.cloud_vms():
                 held = [r for r in regions if r in vm.attachments]
-                if (vm.name != rec.cloud_vm and not held) or not self.l1(vm).alive():
+                if vm.state is not CloudVMState.RUNNING or not self.l1(vm).alive():
                     continue
+                # Every cloud VM is asked: one that was hung when the guest left it may
+                # still hold a stale copy (README "Patched QEMU").
+                home = vm.name == rec.cloud_vm
                 with contextlib.suppress(AgentError):
-                    await self.agent(vm).stop_guest(name)
+                    await self.agent(vm).stop_guest(
+                        name, kill=not home,
+                        timeout=AGENT_CALL_TIMEOUT if home else SOURCE_QUIT_TIMEOUT)
                 for region_id in held:
                     await self.release(vm, region_id)
             for region_id in regions:
