@@ -38,6 +38,9 @@ class GuestState(StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     MIGRATING = "migrating"
+    # Never set by this release (`guest stop` forgets the guest); stores the first release
+    # wrote still hold such rows, and must open.
+    STOPPED = "stopped"
     LOST = "lost"                  # its QEMU died outside our control
     NEEDS_ACTION = "needs-action"  # unsafe state an operator must resolve
 
