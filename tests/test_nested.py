@@ -47,6 +47,10 @@ def test_zero_copy_between_cloud_vms(lab: dict[str, Any], nested_guest: str) -> 
         assert res["ram_transferred_bytes"] < MiB and res["guest_ok"] is True
         assert res["network_bytes"] < 2 * MiB  # device state only crossed the L1-L1 link
         assert res["source_detached"] is True and res["tls"] is True
+        # L0's pagemap: both cloud VMs' QEMUs map the guest's pages on the same frames.
+        assert res["shared_frames_ratio"] is not None and res["shared_frames_ratio"] >= 0.99
+        assert res["frames"]["present_both"] > 0
+        assert res["command_ms"] >= res["total_ms"] + res["phases_ms"]["share"]
         assert set(res["phases_ms"]) == {"share", "prepare", "switch", "confirm", "relocate"}
         # Independent look through L0's view: the region is attached where the guest runs.
         assert attached(lab, nested_guest) == [dst]

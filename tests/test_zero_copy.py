@@ -28,6 +28,8 @@ async def check_zero_copy(guest: Guest) -> None:
     assert res.ram_transferred_bytes < 1 * MiB
     assert res.shared_frames_ratio is not None and res.shared_frames_ratio >= 0.99
     assert res.frames is not None and res.frames["present_both"] > 0
+    # The whole command includes share and prepare; total_ms is switch + confirm.
+    assert res.command_ms >= res.setup_ms + res.total_ms
     rec = guest.record
     assert rec.pid == res.dest_pid != old_pid
     # The source is gone: exactly one QEMU runs the guest.

@@ -13,6 +13,8 @@ open the journal and run the phase machine along the right route.
 
 from __future__ import annotations
 
+import time
+
 from ..errors import BadInputError
 from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
@@ -39,6 +41,7 @@ async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
     source runs again; exit 4: needs action) or GuestLostError.
     """
     store = place.store
+    requested = time.monotonic()
     with store.lock_guest(name, "migrated"):
         rec = store.get_guest(name)
         if rec.state is not GuestState.RUNNING:
@@ -62,7 +65,7 @@ async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
         mig_id = store.begin_migration(name, opts.mode.value, rec.pid, rec.pid_start)
         rec.state = GuestState.MIGRATING
         store.update_guest(rec)
-        return await MigrationRun(store, route, mig_id).execute()
+        return await MigrationRun(store, route, mig_id, requested).execute()
 
 
 async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOptions
@@ -72,6 +75,7 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
     Raises as :func:`migrate_local`; a cross-tenant request is refused and logged.
     """
     store = ops.store
+    requested = time.monotonic()
     with store.lock_guest(name, "migrated"):
         rec = store.get_guest(name)
         if not rec.cloud_vm:
@@ -94,7 +98,7 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
         mig_id = store.begin_migration(name, opts.mode.value, rec.pid, 0)
         rec.state = GuestState.MIGRATING
         store.update_guest(rec)
-        return await MigrationRun(store, route, mig_id).execute()
+        return await MigrationRun(store, route, mig_id, requested).execute()
 
 
 __all__ = ["MigrationMode", "MigrationOptions", "MigrationResult", "NestedResult",

@@ -185,11 +185,13 @@ class Route(ABC):
 class MigrationRun:
     """One execution of the phase machine for one guest along one route."""
 
-    def __init__(self, store: Store, route: Route, mig_id: int) -> None:
+    def __init__(self, store: Store, route: Route, mig_id: int,
+                 requested: float | None = None) -> None:
         self.store, self.route, self.mig_id = store, route, mig_id
         self.rec, self.opts, self.mode = route.rec, route.opts, route.mode
         self.phases: dict[str, float] = {}
         self._t_start = self._mark = time.monotonic()
+        self._requested = self._t_start if requested is None else requested
         self._last_ram = 0.0
         self._phase = MigrationPhase.SHARE
         self.shared_ram_checked: bool | None = None
@@ -334,6 +336,7 @@ class MigrationRun:
                 phases_ms=self.phases, source_pid=route.src_pid, dest_pid=self.rec.pid,
                 migration_id=self.mig_id, memory_bytes=self.rec.memory)
             result.shared_ram_checked = self.shared_ram_checked
+            result.command_ms = round((time.monotonic() - self._requested) * 1000, 3)
             result.guarantees_missing = self.missing
             route.fill(result)
             self.store.journal(self.mig_id, MigrationPhase.DONE, result=result.to_json())

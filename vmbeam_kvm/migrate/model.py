@@ -102,6 +102,9 @@ class MigrationResult:
     # (patched QEMU, both ends); False where a QEMU lacks the check, None for other modes.
     shared_ram_checked: bool | None = None
     guarantees_missing: list[str] = field(default_factory=list)
+    # The whole move as its caller waits for it: from the request (checked under the
+    # guest's lock) to the result, share and prepare included (total_ms is switch+confirm).
+    command_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

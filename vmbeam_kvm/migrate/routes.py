@@ -50,6 +50,14 @@ async def ram_fd_of(qmp: Any) -> int:
     return int(tail)
 
 
+def _fill_frames(result: MigrationResult, f: FrameComparison | None) -> None:
+    """The shared-frames figures of a comparison of the region in source and destination."""
+    result.shared_frames_ratio = f.ratio if f else None
+    result.frames = ({"pages": f.pages, "present_source": f.present_a,
+                      "present_dest": f.present_b, "present_both": f.both,
+                      "same_frame": f.same} if f else None)
+
+
 class _Sampler:
     """Samples the host memory held by the QEMU processes involved, to report the peak."""
 
@@ -275,11 +283,7 @@ class LocalRoute(Route):
                                         timeout=timeout)
 
     def fill(self, result: MigrationResult) -> None:
-        f = self.frames
-        result.shared_frames_ratio = f.ratio if f else None
-        result.frames = ({"pages": f.pages, "present_source": f.present_a,
-                          "present_dest": f.present_b, "present_both": f.both,
-                          "same_frame": f.same} if f else None)
+        _fill_frames(result, self.frames)
         result.peak_qemu_memory_bytes = self.sampler.peak
         result.qemu_cpu_seconds = round(self.cpu, 3)
 
@@ -329,6 +333,7 @@ class CloudRoute(Route):
         self.detached = False
         self.ejected = False
         self.can_revoke = False
+        self.frames: FrameComparison | None = None
         self.revoked_ms: float | None = None
         self._cpu0 = 0.0
         self._net0 = 0
@@ -463,6 +468,11 @@ class CloudRoute(Route):
         self.net = await self._net_bytes() - self._net0
         src_vm = self.ops.vm(self.src_vm.name)
         inode = await self.ops.region_inode(src_vm, self.src_region_id)
+        if (inode is not None and self.opts.compare_frames
+                and self.mode is MigrationMode.ZERO_COPY):
+            # L0's pagemap: the region's pages as both cloud VMs' QEMUs map them, before the
+            # source lets go: the same physical frames, not copies.
+            self.frames = await asyncio.to_thread(self._compare, inode)
         self.can_revoke = (await guarantees(self.src_l1.execute)).revoke
         if self.can_revoke:
             # The source cloud VM loses the guest's memory now, whatever its kernel does
@@ -485,6 +495,12 @@ class CloudRoute(Route):
         self.detached = inode is None or not await asyncio.to_thread(
             references, self.src_l1.pid, inode)
 
+    def _compare(self, inode: int) -> FrameComparison | None:
+        try:
+            return compare_frames(self.src_l1.pid, self.dst_l1.pid, inode, self.rec.memory)
+        except (RegionError, OSError):
+            return None
+
     async def settle(self) -> None:
         if self.can_revoke:
             self.ejected = await self.ops.settle(self.ops.vm(self.src_vm.name),
@@ -503,6 +519,7 @@ class CloudRoute(Route):
         result.source_detached, result.network_bytes = self.detached, self.net
         result.l0_cpu_seconds = result.qemu_cpu_seconds = round(self.cpu, 3)
         result.tls = self.tls
+        _fill_frames(result, self.frames)
         result.source_ejected = self.ejected
         result.source_revoked_ms = self.revoked_ms
         if not self.can_revoke:
