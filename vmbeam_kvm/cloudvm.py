@@ -28,7 +28,7 @@ from .agent.protocol import PORT_NAME, AgentClient
 from .config import CLOUD_VM_BOOT_TIMEOUT, REGION_EJECT_TIMEOUT, REPO_ROOT
 from .errors import AgentError, BadInputError, LaunchError, QMPCommandError, RegionError
 from .qemu.features import REVOKE_COMMAND
-from .qemu.process import ProcessRef, QemuProcess
+from .qemu.process import QemuProcess
 from .region import BeamRegion, read_identity_of
 
 if TYPE_CHECKING:  # pyroute2 is an L0-only dependency; the agent imports this package too
@@ -371,8 +371,3 @@ async def detach_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str,
     with contextlib.suppress(QMPCommandError):
         await proc.execute("remove-fd", {"fdset-id": att["fdset"]})
     rec.attachments.pop(region_id, None)
-
-
-def process_of(rec: CloudVMRecord) -> QemuProcess:
-    return QemuProcess.attach(ProcessRef(rec.pid, rec.pid_start), Path(rec.qmp_path),
-                              Path(rec.log_path))

@@ -97,6 +97,8 @@ class LocalRoute(Route):
         super().__init__(rec, opts)
         self.place, self.src, self.spec = place, src, spec
         self.guest_timeout = opts.guest_timeout
+        # cpr-transfer: the new QEMU's QMP opens only after the cpr handshake.
+        self.probes_parties = opts.mode is not MigrationMode.CPR_TRANSFER
         self.dst: QemuProcess | None = None
         self.src_region: BeamRegion | None = None
         self.dst_region: BeamRegion | None = None
@@ -114,10 +116,6 @@ class LocalRoute(Route):
     @property
     def cpr(self) -> bool:
         return self.mode is MigrationMode.CPR_TRANSFER
-
-    @property
-    def probes_parties(self) -> bool:  # type: ignore[override]
-        return not self.cpr  # the new QEMU's QMP opens only after the cpr handshake
 
     async def src_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self.src.execute(cmd, args)

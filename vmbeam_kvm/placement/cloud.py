@@ -421,11 +421,3 @@ class CloudOps:
             if time.monotonic() > deadline:
                 return None
             await asyncio.sleep(0.2)
-
-    async def guest_status(self, rec: GuestRecord) -> dict[str, Any]:
-        """The agent's view of the guest as a dict (``{"alive": False, ...}`` when gone)."""
-        st = await self.l2_status(rec.cloud_vm, rec.name)
-        return {"alive": st.alive, "run_state": st.run_state, "pid": st.pid,
-                "agent_pid": st.agent_pid,
-                "heartbeat": None if st.heartbeat is None else st.heartbeat.__dict__,
-                "region_id": st.region_id}
