@@ -123,10 +123,17 @@ def test_bench_flat_json(state_dir: Path, tmp_path: Path) -> None:
     assert [r["method"] for r in rows] == ["zero-copy", "precopy", "cpr-transfer"]
     for row in rows:
         assert row["memory_bytes"] == 128 << 20 and row["repeats"] == 2 and row["guest_ok"]
-        for fig in ("total_ms", "downtime_ms", "ram_transferred_bytes",
-                    "peak_qemu_memory_bytes", "qemu_cpu_seconds"):
+        assert row["statistics_over"] == 1  # the first move is reported apart
+        for fig in ("total_ms", "downtime_ms", "pause_ms", "post_switch_slowdown",
+                    "command_ms", "ram_transferred_bytes", "peak_qemu_memory_bytes",
+                    "qemu_cpu_seconds"):
             assert set(row[fig]) == {"min", "median", "max"}
             assert row[fig]["min"] <= row[fig]["median"] <= row[fig]["max"]
+        first = row["first_move"]
+        assert first["total_ms"] == row["first_move_ms"] > 0
+        assert first["pause_ms"] == row["first_move_pause_ms"] > 0
+        assert first["post_switch_slowdown"] > 0
+        assert row["pause_ms"]["min"] > 0
     zc, pre, _cpr = rows
     assert pre["shared_frames_ratio"] is None and zc["shared_frames_ratio"]["min"] >= 0.99
     assert pre["ram_transferred_bytes"]["min"] > 50 * zc["ram_transferred_bytes"]["max"]

@@ -51,6 +51,9 @@ def test_zero_copy_between_cloud_vms(lab: dict[str, Any], nested_guest: str) -> 
         assert res["shared_frames_ratio"] is not None and res["shared_frames_ratio"] >= 0.99
         assert res["frames"]["present_both"] > 0
         assert res["command_ms"] >= res["total_ms"] + res["phases_ms"]["share"]
+        # The guest's own ticks crossed the lab network to L0: the pause it saw.
+        assert res["pause_ms"] is not None and res["pause_ms"] > 0
+        assert res["peak_qemu_memory_bytes"] > res["memory_bytes"]  # the region, once
         assert set(res["phases_ms"]) == {"share", "prepare", "switch", "confirm", "relocate"}
         # Independent look through L0's view: the region is attached where the guest runs.
         assert attached(lab, nested_guest) == [dst]
@@ -65,6 +68,7 @@ def test_precopy_over_lab_network(lab: dict[str, Any], nested_guest: str) -> Non
     assert res["mode"] == "precopy" and res["guest_ok"] is True
     assert res["tls"] is False  # VMBEAM_MIGRATION_TLS=auto: bulk TLS is too slow under TCG
     assert res["ram_transferred_bytes"] > 100 * MiB  # the RAM itself crossed the network
+    assert res["shared_frames_ratio"] is None and res["pause_ms"] is not None
     assert res["network_bytes"] >= res["ram_transferred_bytes"]
     assert attached(lab, nested_guest) == ["l1b"]  # a fresh region, the old one released
 
@@ -275,3 +279,36 @@ async def test_zero_copy_is_checked_by_qemu(lab: dict[str, Any], nested_guest: s
         if not res.shared_ram_checked:
             pytest.xfail(f"guarantee missing: {res.guarantees_missing}")
         assert res.guarantees_missing == []
+
+
+async def test_pause_meter_across_the_lab_network(lab: dict[str, Any],
+                                                  nested_guest: str) -> None:
+    """The instrument for nested guests: ticks sent by the L2's QEMU inside a cloud VM,
+    timestamped on L0 in the lab's namespace, read a deliberate stop (through the agent)
+    within the times the stop can have lasted."""
+    from vmbeam_kvm.ticks import CHARDEV_ID, TickMeter, null_backend, tcp_backend
+
+    from .test_pause import _stop_for
+
+    settings = settings_of(lab)
+    async with Host(settings) as host:
+        guest = await host.guest(nested_guest)
+        gw = host.cloud.lab(host.cloud.vm("l1a")).gateway
+        with TickMeter(gw, settings.lab_ns) as meter:
+            await guest.qmp("chardev-change", {"id": CHARDEV_ID,
+                                               "backend": tcp_backend(*meter.endpoint)})
+            assert await meter.wait_after(time.time() + 0.3, 20)
+            for _ in range(3):
+                start = time.time()
+                inner, outer = await _stop_for(guest.qmp, 0.2)
+                assert await meter.wait_after(time.time() + 0.05, 10)
+                gap = meter.longest_gap(start, time.time())
+                assert gap is not None
+                pause = (gap[1] - gap[0]) * 1000
+                # Within what the stop can have lasted, give or take how much more the
+                # L1's network stack (TCG) delays one tick than another (and one tick).
+                assert inner * 1000 - 10 <= pause <= outer * 1000 + 10, (inner, outer, pause)
+            await guest.qmp("chardev-change", {"id": CHARDEV_ID, "backend": null_backend()})
+        res = await host.cloud.migrate(nested_guest, "l1b")
+        assert res.guest_ok and res.pause_ms is not None
+        await host.disconnect()

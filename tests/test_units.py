@@ -165,3 +165,41 @@ def test_agent_imports_without_l0_dependencies() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+async def test_tick_meter_reads_gaps_and_work() -> None:
+    """The meter's logic on datagrams sent by hand: a gap is read between arrivals, work
+    lines are parsed whatever datagrams they are split into, and junk is ignored."""
+    import asyncio
+    import socket
+    import time
+
+    from vmbeam_kvm.ticks import TickMeter, chardev_arg, tcp_backend
+
+    with TickMeter() as meter, socket.create_connection(meter.endpoint) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.time()
+        for i in range(40):
+            if i % 10 == 9:
+                for b in f"w{i * 100:x}\n".encode():
+                    s.send(bytes([b]))
+            else:
+                s.send(b".")
+            if i == 20:
+                await asyncio.sleep(0.08)  # the "pause"
+            else:
+                await asyncio.sleep(0.002)
+        s.send(b"wzz\n")  # not hex: no work point
+        s.send(b"w" + b"1" * 40 + b"\n")  # too long: dropped
+        assert await meter.wait_after(time.time() - 0.001, 2)
+        gap = meter.longest_gap(t0, time.time())
+        assert gap is not None and 0.075 <= gap[1] - gap[0] < 0.2
+        assert [w for _, w in meter.work] == [900, 1900, 2900, 3900]
+        rate = meter.rate(t0, time.time())
+        assert rate is not None and rate > 0
+        fig = meter.figures(t0 + 0.02, time.time(), 1.0)
+        assert fig is not None and fig.pause_ms == round((gap[1] - gap[0]) * 1000, 3)
+    assert chardev_arg(None) == "null,id=ticks"
+    assert chardev_arg(("10.0.0.1", 5)) == \
+        "socket,id=ticks,host=10.0.0.1,port=5,server=off,nodelay=on,reconnect-ms=1000"
+    assert tcp_backend("h", 7)["data"]["addr"]["data"] == {"host": "h", "port": "7"}

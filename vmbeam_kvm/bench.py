@@ -2,7 +2,14 @@
 
 For each guest size the same kind of guest (``touch`` % of RAM filled and mutating) is moved
 ``repeat`` times by each method. Every figure is reported as ``{"min", "median", "max"}`` over
-the repeats, so a JSON consumer never has to guess which statistic a number is.
+the repeats after the first (``statistics_over`` of ``repeats``), so a JSON consumer never has
+to guess which statistic a number is; the first move of a method (for zero-copy: the guest's
+first move ever, the one users do most) is reported apart, as ``first_move``
+(``first_move_ms`` its total time).
+
+``pause_ms`` is what the guest saw (its ticks on L0's clock, :mod:`vmbeam_kvm.ticks`), next
+to QEMU's ``downtime_ms``; ``post_switch_slowdown`` its work rate over ``tail_window`` s
+after the switch against as long before the move.
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
 from .qemu.machine import RamBackend
 from .units import format_size
 
-FIGURES = ("total_ms", "downtime_ms", "ram_transferred_bytes", "peak_qemu_memory_bytes",
-           "qemu_cpu_seconds", "shared_frames_ratio")
+FIGURES = ("total_ms", "downtime_ms", "pause_ms", "post_switch_slowdown", "command_ms",
+           "ram_transferred_bytes", "peak_qemu_memory_bytes", "qemu_cpu_seconds",
+           "shared_frames_ratio")
+# The figures of a method's first move, reported apart from the repeats' statistics.
+FIRST_MOVE = ("total_ms", "downtime_ms", "pause_ms", "post_switch_slowdown", "command_ms")
+TAIL_WINDOW = 0.5
 METHODS = (MigrationMode.ZERO_COPY, MigrationMode.PRECOPY, MigrationMode.CPR_TRANSFER)
 
 
@@ -34,7 +45,10 @@ def summarize(values: Sequence[float | None]) -> dict[str, float | None] | None:
 # Table columns: header, JSON key, scale, digits (None: the value as it is, e.g. a verdict).
 Column = tuple[str, str, float, int | None]
 FLAT_COLUMNS: tuple[Column, ...] = (
-    ("total ms", "total_ms", 1, 1), ("downtime ms", "downtime_ms", 1, 1),
+    ("total ms", "total_ms", 1, 1), ("first ms", "first_move_ms", 1, 1),
+    ("downtime ms", "downtime_ms", 1, 1), ("pause ms", "pause_ms", 1, 1),
+    ("first pause ms", "first_move_pause_ms", 1, 1),
+    ("after/before", "post_switch_slowdown", 1, 2), ("command ms", "command_ms", 1, 0),
     ("RAM sent MB", "ram_transferred_bytes", 1e-6, 2),
     ("peak QEMU mem MB", "peak_qemu_memory_bytes", 1e-6, 0),
     ("QEMU CPU s", "qemu_cpu_seconds", 1, 2), ("shared frames", "shared_frames_ratio", 1, 3),
@@ -51,17 +65,29 @@ class BenchRow:
     figures: ClassVar[tuple[str, ...]] = FIGURES
     columns: ClassVar[tuple[Column, ...]] = FLAT_COLUMNS
 
+    @property
+    def repeats(self) -> list[MigrationResult]:
+        """The moves the statistics are over: all but the first, if there are more."""
+        return self.results[1:] if len(self.results) > 1 else self.results
+
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"method": self.method, "memory_bytes": self.memory_bytes,
-                               "repeats": len(self.results)}
+                               "repeats": len(self.results),
+                               "statistics_over": len(self.repeats)}
         for fig in self.figures:
-            row[fig] = summarize([getattr(r, fig) for r in self.results])
+            row[fig] = summarize([getattr(r, fig) for r in self.repeats])
+        first = self.results[0] if self.results else None
+        row["first_move"] = ({f: getattr(first, f) for f in FIRST_MOVE}
+                             if first is not None else None)
+        row["first_move_ms"] = first.total_ms if first is not None else None
+        row["first_move_pause_ms"] = first.pause_ms if first is not None else None
         row["guest_ok"] = bool(self.results) and all(r.guest_ok for r in self.results)
         return row
 
 
 async def bench_flat(host: Host, sizes: Sequence[int], *, repeat: int = 3, touch: int = 70,
                      methods: Sequence[MigrationMode] = METHODS,
+                     tail_window: float = TAIL_WINDOW,
                      progress: Callable[[str], None] = lambda _: None) -> list[BenchRow]:
     """Run the flat benchmark; guests are named ``bench-<size>`` and stopped afterwards."""
     rows: list[BenchRow] = []
@@ -82,19 +108,24 @@ async def bench_flat(host: Host, sizes: Sequence[int], *, repeat: int = 3, touch
                 progress(f"{format_size(size)}: guest ready (seq {hb.seq})")
                 for i in range(repeat):
                     for mode in group:
-                        res = await guest.migrate(MigrationOptions(mode=mode))
+                        res = await guest.migrate(MigrationOptions(
+                            mode=mode, tail_window=tail_window))
                         by_method[mode].results.append(res)
                         progress(f"{format_size(size)} {mode.value} #{i + 1}: "
                                  f"{res.total_ms:.1f} ms, downtime {res.downtime_ms} ms, "
+                                 f"pause {res.pause_ms} ms, after/before "
+                                 f"{res.post_switch_slowdown}, "
                                  f"{res.ram_transferred_bytes / 1e6:.1f} MB, ok={res.guest_ok}")
         rows.extend(by_method[m] for m in methods)
     return rows
 
 
-def _fmt(summary: dict[str, float | None] | None, scale: float = 1.0, digits: int = 1) -> str:
-    if summary is None or summary["median"] is None:
+def _fmt(summary: dict[str, float | None] | float | None, scale: float = 1.0,
+         digits: int = 1) -> str:
+    value = summary["median"] if isinstance(summary, dict) else summary
+    if value is None:
         return "—"
-    return f"{summary['median'] * scale:.{digits}f}"
+    return f"{value * scale:.{digits}f}"
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
@@ -114,7 +145,7 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
 
 def ratio_lines(rows: Sequence[BenchRow]) -> list[str]:
     """Zero-copy flatness (largest/smallest size) and precopy/zero-copy speed-up per size."""
-    med = {(r.method, r.memory_bytes): summarize([x.total_ms for x in r.results])
+    med = {(r.method, r.memory_bytes): summarize([x.total_ms for x in r.repeats])
            for r in rows}
     out = []
     zc = sorted((size, s["median"]) for (m, size), s in med.items()
@@ -131,35 +162,49 @@ def ratio_lines(rows: Sequence[BenchRow]) -> list[str]:
 
 
 def plot(rows: Sequence[BenchRow], path: Path,
-         title: str = "vmbeam-kvm: migration time vs guest size") -> None:
-    """Total migration time (median, log scale) against guest size, one line per method."""
+         title: str = "vmbeam-kvm: migration time and guest pause vs guest size") -> None:
+    """Total migration time and the pause the guest saw (medians with min-max bars, log
+    scale) against guest size, one line per method; first moves as hollow markers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in dict.fromkeys(r.method for r in rows):
-        pts = [(r.memory_bytes / (1 << 30), summarize([x.total_ms for x in r.results]))
-               for r in rows if r.method == method]
-        got = [(x, {k: float(v or 0.0) for k, v in s.items()}) for x, s in pts if s]
-        xs = [x for x, _ in got]
-        ys = [s["median"] for _, s in got]
-        lo = [s["median"] - s["min"] for _, s in got]
-        hi = [s["max"] - s["median"] for _, s in got]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
-    ax.set_xlabel("guest memory (GiB)")
-    ax.set_ylabel("total migration time (ms, log)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "total_ms", "total migration time (ms, log)"),
+                           (axes[1], "pause_ms", "pause the guest saw (ms, log)")):
+        for method in dict.fromkeys(r.method for r in rows):
+            mine = [r for r in rows if r.method == method]
+            pts = [(r.memory_bytes / (1 << 30), summarize([getattr(x, key) for x in r.repeats]))
+                   for r in mine]
+            got = [(x, {k: float(v or 0.0) for k, v in s.items()}) for x, s in pts if s]
+            if not got:
+                continue
+            xs = [x for x, _ in got]
+            ys = [s["median"] for _, s in got]
+            lo = [s["median"] - s["min"] for _, s in got]
+            hi = [s["max"] - s["median"] for _, s in got]
+            line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
+            firsts = [(r.memory_bytes / (1 << 30), getattr(r.results[0], key))
+                      for r in mine if r.results and getattr(r.results[0], key)]
+            if firsts:
+                ax.plot([x for x, _ in firsts], [y for _, y in firsts], linestyle="none",
+                        marker="o", mfc="none", color=line[0].get_color(),
+                        label=f"{method} (first move)")
+        ax.set_xlabel("guest memory (GiB)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-NESTED_FIGURES = ("total_ms", "downtime_ms", "ram_transferred_bytes", "network_bytes",
-                  "l0_cpu_seconds")
+NESTED_FIGURES = ("total_ms", "downtime_ms", "pause_ms", "post_switch_slowdown",
+                  "command_ms", "ram_transferred_bytes", "network_bytes", "l0_cpu_seconds",
+                  "shared_frames_ratio", "peak_qemu_memory_bytes")
 
 
 @dataclass
@@ -168,9 +213,14 @@ class NestedRow(BenchRow):
 
     figures: ClassVar[tuple[str, ...]] = NESTED_FIGURES
     columns: ClassVar[tuple[Column, ...]] = (
-        ("total ms", "total_ms", 1, 1), ("downtime ms", "downtime_ms", 1, 1),
+        ("total ms", "total_ms", 1, 1), ("first ms", "first_move_ms", 1, 1),
+        ("downtime ms", "downtime_ms", 1, 1), ("pause ms", "pause_ms", 1, 1),
+        ("first pause ms", "first_move_pause_ms", 1, 1),
+        ("after/before", "post_switch_slowdown", 1, 2), ("command ms", "command_ms", 1, 0),
         ("RAM sent MB", "ram_transferred_bytes", 1e-6, 2),
         ("L1-L1 wire MB", "network_bytes", 1e-6, 2), ("L0 CPU s", "l0_cpu_seconds", 1, 2),
+        ("shared frames", "shared_frames_ratio", 1, 3),
+        ("peak L1 QEMU mem MB", "peak_qemu_memory_bytes", 1e-6, 0),
         ("guest ok", "guest_ok", 1, None), ("source detached", "source_detached", 1, None),
         ("TLS", "tls", 1, None))
 
@@ -183,7 +233,7 @@ class NestedRow(BenchRow):
 
 
 async def bench_nested(host: Host, sizes: Sequence[int], *, cloud_vms: tuple[str, str],
-                       repeat: int = 3, touch: int = 70,
+                       repeat: int = 3, touch: int = 70, tail_window: float = TAIL_WINDOW,
                        progress: Callable[[str], None] = lambda _: None) -> list[NestedRow]:
     """Zero-copy vs precopy of one guest between two co-located cloud VMs, per size."""
     rows: list[NestedRow] = []
@@ -201,11 +251,14 @@ async def bench_nested(host: Host, sizes: Sequence[int], *, cloud_vms: tuple[str
             for i in range(repeat):
                 for row, mode in ((zc, MigrationMode.ZERO_COPY), (pre, MigrationMode.PRECOPY)):
                     to = b if where == a else a
-                    res = await host.cloud.migrate(name, to, mode)
+                    res = await host.cloud.migrate(name, to, options=MigrationOptions(
+                        mode=mode, tail_window=tail_window))
                     where = to
                     row.results.append(res)
                     progress(f"{format_size(size)} {mode.value} #{i + 1} -> {to}: "
                              f"{res.total_ms:.0f} ms, downtime {res.downtime_ms} ms, "
+                             f"pause {res.pause_ms} ms, after/before "
+                             f"{res.post_switch_slowdown}, command {res.command_ms:.0f} ms, "
                              f"{(res.network_bytes or 0) / 1e6:.1f} MB on the wire, L0 CPU "
                              f"{res.l0_cpu_seconds:.1f} s, ok={res.guest_ok}")
         finally:

@@ -284,13 +284,16 @@ async def guest_stop(ctx: click.Context, name: str, as_json: bool) -> None:
               help="auto: zero-copy when the memory can be shared, else precopy.")
 @click.option("--qemu", help="QEMU binary for the destination (live update).")
 @click.option("--timeout", type=float, help="Seconds allowed before the switch (--local).")
+@click.option("--tail-window", type=click.FloatRange(0, 10), default=0.0,
+              show_default=True, help="Seconds of the guest's work rate to compare before "
+              "the move and right after the switch (post_switch_slowdown); 0: pause only.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show progress on stderr even with --json (phases, RAM streamed).")
 @json_option
 @click.pass_context
 @command
 async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mode: str,
-                  qemu: str | None, timeout: float | None, verbose: bool,
+                  qemu: str | None, timeout: float | None, tail_window: float, verbose: bool,
                   as_json: bool) -> None:
     """Migrate guest NAME without copying its RAM (or by precopy).
 
@@ -321,26 +324,33 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
             if host.cloud.vm(to).tenant == rec.tenant:
                 _progress(f"migrating {name} ({mode}) to cloud VM {to}")
             nopts = MigrationOptions(mode=MigrationMode.ZERO_COPY if mode == "auto"
-                                     else MigrationMode(mode), progress=progress)
+                                     else MigrationMode(mode), progress=progress,
+                                     tail_window=tail_window)
             nres = await host.cloud.migrate(name, to, options=nopts)
             _emit(as_json, nres.to_json(),
                   f"{name}: {nres.mode} {nres.source_cloud_vm} -> {nres.dest_cloud_vm} in "
-                  f"{nres.total_ms:.1f} ms (downtime {nres.downtime_ms} ms), "
+                  f"{nres.total_ms:.1f} ms (downtime {nres.downtime_ms} ms, the guest "
+                  f"saw {_ms(nres.pause_ms)}), "
                   f"{nres.ram_transferred_bytes} bytes of RAM sent, source detached: "
                   f"{nres.source_detached}, guest ok: {nres.guest_ok}")
             return
         if mode == "auto":
             mode = MigrationMode.ZERO_COPY.value
         opts = MigrationOptions(mode=MigrationMode(mode), qemu=qemu, timeout=timeout,
-                                progress=progress)
+                                progress=progress, tail_window=tail_window)
         host.check_migration(name, opts)
         _progress(f"migrating {name} ({mode}) to a new local QEMU")
         res = await host.migrate(name, opts)
     ratio = "n/a" if res.shared_frames_ratio is None else f"{res.shared_frames_ratio:.4f}"
     _emit(as_json, res.to_json(),
           f"{name}: {res.mode} migration {res.status} in {res.total_ms:.1f} ms (downtime "
-          f"{res.downtime_ms} ms), {res.ram_transferred_bytes} bytes of RAM sent, shared "
+          f"{res.downtime_ms} ms, the guest saw {_ms(res.pause_ms)}), "
+          f"{res.ram_transferred_bytes} bytes of RAM sent, shared "
           f"frames {ratio}, guest ok: {res.guest_ok}")
+
+
+def _ms(pause: float | None) -> str:
+    return "no ticks" if pause is None else f"{pause:.1f} ms"
 
 
 # ------------------------------------------------------------------------------ cloud VMs

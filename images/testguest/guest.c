@@ -52,22 +52,28 @@ static void __attribute__((noreturn)) halt(void)
 /* --------------------------------------------------------------- serial -- */
 
 #define COM1 0x3f8
+#define COM2 0x2f8		/* ticks: see tick() */
 
-static void serial_init(void)
+static void serial_init(u16 port)
 {
-	outb(COM1 + 1, 0x00);		/* polled: no interrupts */
-	outb(COM1 + 3, 0x80);		/* DLAB on to set the divisor */
-	outb(COM1 + 0, 0x01);		/* 115200 baud */
-	outb(COM1 + 1, 0x00);
-	outb(COM1 + 3, 0x03);		/* 8N1, DLAB off */
-	outb(COM1 + 2, 0x07);		/* FIFO on and cleared */
+	outb(port + 1, 0x00);		/* polled: no interrupts */
+	outb(port + 3, 0x80);		/* DLAB on to set the divisor */
+	outb(port + 0, 0x01);		/* 115200 baud */
+	outb(port + 1, 0x00);
+	outb(port + 3, 0x03);		/* 8N1, DLAB off */
+	outb(port + 2, 0x07);		/* FIFO on and cleared */
+}
+
+static void port_char(u16 port, char c)
+{
+	while (!(inb(port + 5) & 0x20))	/* THR empty */
+		;
+	outb(port, c);
 }
 
 static void put_char(char c)
 {
-	while (!(inb(COM1 + 5) & 0x20))	/* THR empty */
-		;
-	outb(COM1, c);
+	port_char(COM1, c);
 }
 
 static void put_str(const char *s)
@@ -106,6 +112,9 @@ static volatile struct {
 	u64 bad;
 	u64 seq;
 	u64 last_hb;	/* TSC of the last heartbeat */
+	u64 work;	/* steps done since boot: the guest's work rate, in ticks */
+	u64 ticks;	/* ticks sent since boot */
+	u64 last_tick;	/* TSC of the last tick */
 } st;
 
 /*
@@ -211,7 +220,7 @@ struct mb_mmap {
 	u32 type;
 } __attribute__((packed));
 
-static u64 touch_pct = 70, hb_ms = 100;
+static u64 touch_pct = 70, hb_ms = 100, tick_us = 1000;
 
 static int parse_u64(const char *s, u64 *out)
 {
@@ -252,6 +261,8 @@ static void parse_cmdline(const char *s)
 			touch_pct = v > 95 ? 95 : v;
 		else if (has_prefix(w, "hb_ms=") && parse_u64(w + 6, &v))
 			hb_ms = v < 1 ? 1 : v;
+		else if (has_prefix(w, "tick_us=") && parse_u64(w + 8, &v))
+			tick_us = v;
 		else if (has_prefix(w, "verify=full"))
 			full_pages = mode_forced = 1;
 		else if (has_prefix(w, "verify=sparse"))
@@ -344,6 +355,29 @@ static void heartbeat(void)
 }
 
 /*
+ * COM2 carries ticks for a pause meter on the host: one byte ('.') every
+ * tick_us of guest time, and every 10th tick instead a line "w<hex>\n"
+ * with the number of steps done since boot.  The host timestamps each byte
+ * as it arrives, so the longest gap between bytes is the pause the guest
+ * saw, and work over host time is the guest's work rate.  After a pause
+ * the guest sends one tick, not a catch-up burst.
+ */
+static void tick(void)
+{
+	static const char hex[] = "0123456789abcdef";
+
+	if (++st.ticks % 10) {
+		port_char(COM2, '.');
+		return;
+	}
+	port_char(COM2, 'w');
+	for (int sh = 60; sh >= 0; sh -= 4)
+		if (st.work >> sh || !sh)
+			port_char(COM2, hex[(st.work >> sh) & 15]);
+	port_char(COM2, '\n');
+}
+
+/*
  * One mutation step.  Besides the cursor page, check the page half a ring
  * away, which was last written long ago: lost RAM is noticed within half a
  * round instead of one.
@@ -367,14 +401,16 @@ static void step(void)
 		st.round = r + 1;
 	}
 	st.cursor = c;
+	st.work++;
 }
 
 void guest_main(u32 magic, u32 mbi_addr)
 {
 	const struct mb_info *mbi = (const struct mb_info *)(u64)mbi_addr;
-	u64 total, avail, want, t0, hb_ticks;
+	u64 total, avail, want, t0, hb_ticks, tick_ticks;
 
-	serial_init();
+	serial_init(COM1);
+	serial_init(COM2);
 	if (magic != MB_BOOT_MAGIC) {
 		put_str("VMBEAM-TESTGUEST error: not started by a multiboot loader\n");
 		halt();
@@ -419,11 +455,16 @@ void guest_main(u32 magic, u32 mbi_addr)
 	put_str("\n");
 
 	hb_ticks = hb_ms * tsc_per_ms;
-	st.last_hb = rdtsc();
+	tick_ticks = tick_us * tsc_per_ms / 1000;
+	st.last_hb = st.last_tick = rdtsc();
 	for (;;) {
 		if (st.npages)
 			step();
 		u64 now = rdtsc();
+		if (tick_ticks && now - st.last_tick >= tick_ticks) {
+			st.last_tick = now;
+			tick();
+		}
 		/* Unsigned difference: a TSC that went backwards beats at once. */
 		if (now - st.last_hb >= hb_ticks) {
 			st.last_hb = now;

@@ -247,7 +247,8 @@ class Agent:
 
     async def op_start_guest(self, name: str, memory: int, image: str, touch: int,
                              region_id: str, incoming: bool = False, mac: str = "",
-                             ip: str = "") -> dict[str, Any]:
+                             ip: str = "", ticks: bool = True,
+                             ticks_to: list[Any] | None = None) -> dict[str, Any]:
         if name in self.guests and self.guests[name].proc.alive():
             raise BadInputError(f"guest {name!r} already runs in this cloud VM")
         region = await self._find_region(region_id)
@@ -265,10 +266,11 @@ class Agent:
             await self._plug_tap(self._tap(name))
             nic = (self._tap(name), mac)
         spec = MachineSpec(name, memory, GuestImage(image), touch, self.accel, self.qemu,
-                           self.images_dir, nic=nic, guest_ip=ip)
+                           self.images_dir, nic=nic, guest_ip=ip, ticks=ticks)
         argv = build_argv(spec, qmp_path=qmp, serial_path=serial, ram_path="/dev/mem",
                           ram_offset=region.bar_start,
-                          incoming=["defer"] if incoming else None)
+                          incoming=["defer"] if incoming else None,
+                          ticks_to=(str(ticks_to[0]), int(ticks_to[1])) if ticks_to else None)
         try:
             proc = await QemuProcess.launch(argv, qmp, qlog)
         except VmbeamError:

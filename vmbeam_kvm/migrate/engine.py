@@ -20,6 +20,7 @@ leaves the source paused and the guest ``needs-action``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from ..errors import GuestLostError, MigrationError, Rollback, VmbeamError
 from ..heartbeat import Heartbeat
 from ..qemu.features import SHARED_RAM_CHECK, guarantees
 from ..store import GuestRecord, GuestState, MigrationPhase, Store
+from ..ticks import CHARDEV_ID as TICKS_CHARDEV
+from ..ticks import TickMeter, null_backend, tcp_backend
 from . import faults
 from .handover import DestWatch, QMPExecute, resume_source, wait_for_handover
 from .model import MigrationMode, MigrationOptions, MigrationResult, ProgressEvent
@@ -83,6 +86,22 @@ class Route(ABC):
     def dest_watch(self) -> DestWatch | None:
         """A destination process the handover wait can watch directly, if any."""
         return None
+
+    # -- the guest's ticks (vmbeam_kvm.ticks) -------------------------------------------------
+    ticks_to: tuple[str, int] | None = None  # where the destination sends them (its argv)
+    src_ticks = True  # the source QEMU has a tick port (so the destination gets one too)
+
+    def meter_address(self) -> tuple[str, str | None] | None:
+        """Where a tick meter for this route binds: (address, namespace); None: nowhere."""
+        return None
+
+    async def probe_ticks(self) -> None:
+        """Learn whether the source QEMU has a tick port (an earlier release's had none)."""
+        chardevs = await self.src_qmp("query-chardev")
+        self.src_ticks = any(c.get("label") == TICKS_CHARDEV for c in chardevs)
+
+    async def point_ticks(self, qmp: QMPExecute, backend: dict[str, Any]) -> None:
+        await qmp("chardev-change", {"id": TICKS_CHARDEV, "backend": backend})
 
     @property
     @abstractmethod
@@ -196,6 +215,10 @@ class MigrationRun:
         self._phase = MigrationPhase.SHARE
         self.shared_ram_checked: bool | None = None
         self.missing: list[str] = []
+        self.meter: TickMeter | None = None
+        self._committed = False  # the record points at the destination
+        self._baseline: float | None = None  # work steps/s before the move
+        self._measuring = 0.0  # seconds spent only to measure (not in command_ms)
         route.note = self._note  # type: ignore[method-assign]
 
     def _note(self, **values: Any) -> None:
@@ -268,6 +291,8 @@ class MigrationRun:
             # ---- SHARE + PREPARE: the destination QEMU on shared (or fresh) memory --------
             try:
                 self._enter(MigrationPhase.SHARE)
+                await route.probe_ticks()
+                await self._start_meter()
                 await route.share()
                 faults.crash_point(MigrationPhase.SHARE)
                 self._enter(MigrationPhase.PREPARE)
@@ -291,8 +316,13 @@ class MigrationRun:
 
             # ---- SWITCH: device state (plus RAM for precopy) crosses to the destination ---
             self._enter(MigrationPhase.SWITCH)
+            if self.meter is not None:
+                # The destination connects to the meter in the background: let it, so
+                # that its first ticks are not missed (a meter it cannot reach only
+                # leaves the figures None).
+                await self.meter.wait_connections(2, 2.0)
             hb0 = await route.heartbeat()
-            t0 = time.monotonic()
+            t0, wall0 = time.monotonic(), time.time()
             try:
                 route.switch_started = True
                 await route.switch(uri)
@@ -309,12 +339,13 @@ class MigrationRun:
             # ---- CONFIRM: the destination must run before the source may go -------------
             self._enter(MigrationPhase.CONFIRM)
             await self._confirm()
-            t1 = time.monotonic()
+            t1, wall1 = time.monotonic(), time.time()
             route.measure_confirmed()
 
             # ---- RELOCATE: the guest is the destination's; the source lets go -----------
             self._enter(MigrationPhase.RELOCATE)
             route.commit()
+            self._committed = True
             self.rec.state = GuestState.RUNNING
             self.store.update_guest(self.rec)
             faults.crash_point(MigrationPhase.RELOCATE)
@@ -336,9 +367,11 @@ class MigrationRun:
                 phases_ms=self.phases, source_pid=route.src_pid, dest_pid=self.rec.pid,
                 migration_id=self.mig_id, memory_bytes=self.rec.memory)
             result.shared_ram_checked = self.shared_ram_checked
-            result.command_ms = round((time.monotonic() - self._requested) * 1000, 3)
+            result.command_ms = round(
+                (time.monotonic() - self._requested - self._measuring) * 1000, 3)
             result.guarantees_missing = self.missing
             route.fill(result)
+            await self._measure_tail(result, wall0, wall1)
             self.store.journal(self.mig_id, MigrationPhase.DONE, result=result.to_json())
             self._emit(ProgressEvent(name, "phase", MigrationPhase.DONE.value,
                                      self._elapsed(time.monotonic()),
@@ -366,7 +399,65 @@ class MigrationRun:
             raise MigrationError(f"migration of {name!r} failed after the switch: {exc}",
                                  source_resumed=False) from exc
         finally:
+            await self._stop_meter()
             await route.cleanup()
+
+    # -- the guest's ticks ------------------------------------------------------------------
+    async def _start_meter(self) -> None:
+        """Point the source's tick port at a new meter (the destination is launched with
+        it), unless the move is not measured or the guest has no tick port."""
+        self.meter = None
+        where = self.route.meter_address()
+        if not self.opts.measure_pause or not self.route.src_ticks or where is None:
+            return
+        # A move is never failed by its measurement: without a meter, the figures stay None.
+        try:
+            meter = TickMeter(*where)
+        except OSError:
+            return
+        try:
+            await self.route.point_ticks(self.route.src_qmp, tcp_backend(*meter.endpoint))
+        except VmbeamError:
+            meter.close()
+            return
+        except BaseException:
+            meter.close()
+            raise
+        self.meter, self.route.ticks_to = meter, meter.endpoint
+        if self.opts.tail_window > 0:
+            # The work rate before the move, while nothing else competes with the guest
+            # (during share and prepare the destination's start does).
+            t = time.time()
+            await asyncio.sleep(self.opts.tail_window + 0.05)
+            self._baseline = meter.rate(t, time.time())
+            self._measuring = time.time() - t
+
+    async def _measure_tail(self, result: MigrationResult, wall0: float,
+                            wall1: float) -> None:
+        """The pause the guest saw around the switch (it stopped after ``wall0`` and ran
+        again by ``wall1``) and its work rate on each side; left None without ticks."""
+        meter, window = self.meter, self.opts.tail_window
+        if meter is None or not await meter.wait_after(wall1, 5.0):
+            return
+        gap = meter.longest_gap(wall0, wall1)
+        if gap is not None and window > 0:
+            await meter.wait_after(gap[1] + window, window + 5.0)
+        figures = meter.figures(wall0, wall1, max(window, 0.2))
+        if figures is None:
+            return
+        result.pause_ms = figures.pause_ms
+        if window > 0 and self._baseline and figures.rate_after is not None:
+            result.post_switch_slowdown = round(figures.rate_after / self._baseline, 3)
+
+    async def _stop_meter(self) -> None:
+        """Ticks back to the null sink on whichever QEMU runs the guest now."""
+        meter, self.meter = self.meter, None
+        if meter is None:
+            return
+        qmp = self.route.dst_qmp if self._committed else self.route.src_qmp
+        with contextlib.suppress(VmbeamError):
+            await self.route.point_ticks(qmp, null_backend())
+        meter.close()
 
     async def _confirm(self) -> None:
         """After the source completed: the destination must reach ``running``."""

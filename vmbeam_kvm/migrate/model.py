@@ -59,6 +59,12 @@ class MigrationOptions:
     guest_timeout: float = 30.0
     compare_frames: bool = True
     progress: ProgressCallback | None = None  # sees every ProgressEvent of the move
+    # Measure the pause the guest sees around the switch from its ticks (vmbeam_kvm.ticks).
+    measure_pause: bool = True
+    # > 0: also its work rate over `tail_window` s right after the switch against as long a
+    # window before the move (post_switch_slowdown); the move takes about 2x this longer
+    # (in command_ms; not in total_ms).
+    tail_window: float = 0.0
 
 
 @dataclass
@@ -103,8 +109,13 @@ class MigrationResult:
     shared_ram_checked: bool | None = None
     guarantees_missing: list[str] = field(default_factory=list)
     # The whole move as its caller waits for it: from the request (checked under the
-    # guest's lock) to the result, share and prepare included (total_ms is switch+confirm).
+    # guest's lock) to the result, share and prepare included (total_ms is switch+confirm);
+    # the time spent only to measure post_switch_slowdown (tail_window) is left out.
     command_ms: float = 0.0
+    # From the guest's ticks on L0's clock (vmbeam_kvm.ticks); None where the guest sends
+    # none (the Linux image, a guest started by an earlier release) or measure_pause is off.
+    pause_ms: float | None = None             # the longest gap around the switch
+    post_switch_slowdown: float | None = None  # work rate after / before (tail_window)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

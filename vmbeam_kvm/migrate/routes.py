@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -149,6 +150,12 @@ class LocalRoute(Route):
         else:
             self.dst_region = BeamRegion.create(self.rec.memory, self.rec.name)
 
+    def meter_address(self) -> tuple[str, str | None] | None:
+        return "127.0.0.1", None
+
+    def _spec(self) -> MachineSpec:
+        return dataclasses.replace(self.spec, ticks=self.src_ticks)
+
     # ---- PREPARE: the destination QEMU, waiting for its stream ----------------------------
     async def launch(self) -> None:
         for s in (self.main_sock, self.cpr_sock):
@@ -157,13 +164,14 @@ class LocalRoute(Route):
         if self.cpr:
             chan = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix",
                                                     "path": str(self.cpr_sock)}}
-            argv = build_argv(self.spec, qmp_path=self.qmp_path, serial_path=self.serial,
-                              incoming=[json.dumps(chan), "defer"])
+            argv = build_argv(self._spec(), qmp_path=self.qmp_path, serial_path=self.serial,
+                              incoming=[json.dumps(chan), "defer"], ticks_to=self.ticks_to)
             self.dst = await QemuProcess.launch(argv, self.qmp_path, self.qlog, connect=False)
         else:
             assert self.dst_region is not None
-            argv = build_argv(self.spec, qmp_path=self.qmp_path, serial_path=self.serial,
-                              ram_fd=self.dst_region.fd, incoming=["defer"])
+            argv = build_argv(self._spec(), qmp_path=self.qmp_path, serial_path=self.serial,
+                              ram_fd=self.dst_region.fd, incoming=["defer"],
+                              ticks_to=self.ticks_to)
             self.dst = await QemuProcess.launch(argv, self.qmp_path, self.qlog,
                                                 pass_fds=[self.dst_region.fd], connect=False)
         self.place.rt.procs.adopt(self.dst)
@@ -323,6 +331,7 @@ class CloudRoute(Route):
         self.ops, self.src_vm, self.dst_vm = ops, src_vm, dst_vm
         self.src_agent, self.dst_agent = ops.agent(src_vm), ops.agent(dst_vm)
         self.src_l1, self.dst_l1 = ops.l1(src_vm), ops.l1(dst_vm)
+        self.sampler = _Sampler([self.src_l1, self.dst_l1])
         self.tls = ops.rt.settings.migration_tls.applies(self.mode is MigrationMode.ZERO_COPY)
         self.dst_region_id = ""
         self.src_region_id = rec.region_id
@@ -356,6 +365,7 @@ class CloudRoute(Route):
 
     def measure_start(self) -> None:
         self._cpu0 = sum(cpu_seconds(p.pid) for p in (self.src_l1, self.dst_l1))
+        self.sampler.start()  # both cloud VMs' QEMUs: their memory, the region once
 
     async def _net_bytes(self) -> int:
         """rx+tx bytes of the destination cloud VM's tap (its whole L1-L1 traffic)."""
@@ -402,7 +412,15 @@ class CloudRoute(Route):
         await self.dst_agent.stop_guest(self.rec.name, kill=True)
         self.started = await self.dst_agent.start_guest(
             self.rec.name, memory=self.rec.memory, image=self.rec.image, touch=self.rec.touch,
-            region_id=self.dst_region_id, incoming=True, **self.ops.nic_args(self.rec))
+            region_id=self.dst_region_id, incoming=True, ticks=self.src_ticks,
+            ticks_to=self.ticks_to, **self.ops.nic_args(self.rec))
+
+    def meter_address(self) -> tuple[str, str | None] | None:
+        # The L2s' ticks cross the lab network to L0's address on the bridge.
+        if not self.src_vm.lab:
+            return None
+        lab = self.ops.lab(self.src_vm)
+        return lab.gateway, lab.ns
 
     async def tune(self, src: Party, dst: Party) -> None:
         if self.mode is not MigrationMode.ZERO_COPY:
@@ -464,6 +482,8 @@ class CloudRoute(Route):
 
     async def relocate(self) -> None:
         self.net = await self._net_bytes() - self._net0
+        self.sampler.sample()
+        await self.sampler.stop()
         src_vm = self.ops.vm(self.src_vm.name)
         inode = await self.ops.region_inode(src_vm, self.src_region_id)
         if (inode is not None and self.opts.compare_frames
@@ -506,6 +526,9 @@ class CloudRoute(Route):
         else:
             self.ejected = True  # release waited for the eject
 
+    async def cleanup(self) -> None:
+        await self.sampler.stop()
+
     async def heartbeat(self) -> Heartbeat | None:
         return await self.ops.heartbeat(self.rec)
 
@@ -520,6 +543,7 @@ class CloudRoute(Route):
         _fill_frames(result, self.frames)
         result.source_ejected = self.ejected
         result.source_revoked_ms = self.revoked_ms
+        result.peak_qemu_memory_bytes = self.sampler.peak
         if not self.can_revoke:
             result.guarantees_missing = sorted(
                 {*result.guarantees_missing, Guarantees(False, True).missing()[0]})

@@ -12,6 +12,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from ..errors import BadInputError
+from ..ticks import CHARDEV_ID as TICKS_CHARDEV
+from ..ticks import chardev_arg
 
 RAM_ID = "ram0"
 
@@ -44,6 +46,9 @@ class MachineSpec:
     backend: RamBackend = RamBackend.REGION
     nic: tuple[str, str] | None = None  # (tap name, MAC): a virtio NIC on that tap
     guest_ip: str = ""                  # address/prefix the Linux guest configures
+    # COM2, the tick port (:mod:`vmbeam_kvm.ticks`); False only for a guest whose QEMU was
+    # started without one (an earlier release), since both ends must have the same devices.
+    ticks: bool = True
 
     def boot_args(self) -> list[str]:
         if self.image is GuestImage.TEST:
@@ -66,8 +71,12 @@ class MachineSpec:
 
 def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
                ram_fd: int | None = None, ram_path: str | None = None, ram_offset: int = 0,
-               incoming: list[str] | None = None) -> list[str]:
+               incoming: list[str] | None = None,
+               ticks_to: tuple[str, int] | None = None) -> list[str]:
     """QEMU argv for ``spec``.
+
+    ``ticks_to`` points the tick port at a meter from the start (a destination measured
+    while it takes over); without it the ticks go nowhere.
 
     A region is given either as ``ram_fd`` (the memfd's fd number inside QEMU) or as
     ``ram_path`` + ``ram_offset`` (inside a cloud VM: ``/dev/mem`` at the region's BAR).
@@ -94,6 +103,8 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
         "-chardev", f"file,id=serial0,path={serial_path}", "-serial", "chardev:serial0",
     ]
+    if spec.ticks:
+        argv += ["-chardev", chardev_arg(ticks_to), "-serial", f"chardev:{TICKS_CHARDEV}"]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
     if spec.nic is not None:
