@@ -347,6 +347,15 @@ CLI_CASES: list[tuple[str, list[str], dict[str, str]]] = [
       for t in ["-5", "0", "nan", "inf", "soon"]],
     ("migrate qemu", ["migrate", "g1", "--local", "--qemu", "/no/such/qemu"], {}),
     ("migrate mode", ["migrate", "g1", "--local", "--mode", "teleport"], {}),
+    ("migrate --to prefault", ["migrate", "g2", "--to", "l1x", "--prefault"], {}),
+    ("migrate precopy prefault", ["migrate", "g1", "--local", "--mode", "precopy",
+                                  "--prefault"], {}),
+    *[(f"migrate tail window {w}", ["migrate", "g1", "--local", "--tail-window", w], {})
+      for w in ["-1", "11", "nan", "inf", "long"]],
+    ("guest start hugepages odd size", ["guest", "start", "g", "--memory", "3M",
+                                        "--hugepages"], {}),
+    ("guest start hugepages cloud", ["guest", "start", "g", "--memory", "64M",
+                                     "--cloud-vm", "l1x", "--hugepages"], {}),
     # cloud VMs
     *[(f"cloud-vm start name {n!r}", ["cloud-vm", "start", "--tenant", "t", "--", n], {})
       for n in ["a/b", "a b", "ünï", "x" * 300, "", "twelve-chars", ".x"]],
@@ -373,6 +382,13 @@ CLI_CASES: list[tuple[str, list[str], dict[str, str]]] = [
     ("bench flat methods", ["bench", "flat", "--sizes", "128M", "--methods", "bogus"], {}),
     ("bench flat no methods", ["bench", "flat", "--sizes", "128M", "--methods", ","], {}),
     ("bench flat repeat", ["bench", "flat", "--sizes", "128M", "--repeat", "0"], {}),
+    ("bench flat tail window", ["bench", "flat", "--sizes", "128M", "--tail-window", "nan"],
+     {}),
+    ("bench flat precopy max", ["bench", "flat", "--sizes", "128M", "--precopy-max", "12Q"],
+     {}),
+    ("bench flat hugepages odd", ["bench", "flat", "--sizes", "129M", "--hugepages"], {}),
+    ("bench nested tail window", ["bench", "nested", "--sizes", "128M", "--tail-window",
+                                  "-1"], {}),
     ("bench flat plot dir", ["bench", "flat", "--sizes", "128M", "--plot", "/tmp"], {}),
     ("bench flat plot missing", ["bench", "flat", "--sizes", "128M", "--plot",
                                  "/no/such/dir/x.png"], {}),
@@ -512,6 +528,8 @@ START_BAD: list[tuple[Any, Any, dict[str, Any]]] = [
     ("g", "64M", {"cloud_vm": "nosuch"}), ("g", "64M", {"cloud_vm": "l1x"}),
     ("g", ROOT_PORT_WINDOW, {"cloud_vm": "l1x"}),
     ("g", "64M", {"cloud_vm": "l1x", "backend": RamBackend.MEMFD}),
+    ("g", "3M", {"hugepages": True}), ("g", "64M", {"cloud_vm": "l1x", "hugepages": True}),
+    ("g", "64M", {"hugepages": True, "backend": RamBackend.MEMFD}),
 ]
 
 
@@ -542,7 +560,10 @@ async def test_api_start_cloud_vm_refuses(api_host: Host, name: str, tenant: str
     ("\udcff", MigrationOptions()), ("g2", MigrationOptions()),
     ("g1", MigrationOptions(timeout=-1)), ("g1", MigrationOptions(timeout=float("nan"))),
     ("g1", MigrationOptions(mode="teleport")),  # type: ignore[arg-type]
-    ("g1", MigrationOptions(mode=MigrationMode.ZERO_COPY, qemu="/no/such/qemu"))], ids=repr)
+    ("g1", MigrationOptions(mode=MigrationMode.ZERO_COPY, qemu="/no/such/qemu")),
+    ("g1", MigrationOptions(mode=MigrationMode.PRECOPY, prefault=True)),
+    *[("g1", MigrationOptions(tail_window=w))  # type: ignore[arg-type]
+      for w in (-1, 11, float("nan"), float("inf"), "1", True)]], ids=repr)
 async def test_api_migrate_refuses(api_host: Host, name: str, opts: MigrationOptions) -> None:
     before = snapshot(api_host.settings.state_dir)
     with pytest.raises(BadInputError):

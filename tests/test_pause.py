@@ -1,17 +1,22 @@
-"""The pause a guest really sees (its ticks, timestamped on L0), for every local method.
+"""The pause a guest really sees (its ticks, timestamped on L0), and the tail after it.
 
 The instrument is validated first: a deliberate stop/cont of a known length must read as
 that length. Then every method reports ``pause_ms`` (and, asked for, the work-rate tail);
-a stop injected right after the switch can only lengthen the pause, never hide it.
+a stop injected right after the switch can only lengthen the pause, never hide it. The
+two ways to cut the tail — prefaulting the destination, huge pages — keep memory intact.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any
 
-from vmbeam_kvm import Guest, Host, MigrationMode, MigrationOptions
+import pytest
+
+from vmbeam_kvm import Guest, Host, MigrationError, MigrationMode, MigrationOptions
 from vmbeam_kvm.migrate.faults import injected
 from vmbeam_kvm.qemu.machine import RamBackend
 from vmbeam_kvm.ticks import CHARDEV_ID, TickMeter, null_backend, tcp_backend
@@ -133,3 +138,61 @@ async def test_measuring_is_undone(guest: Guest) -> None:
     assert later is not None and later.ok
     res = await guest.migrate(MigrationOptions())
     assert res.guest_ok and res.pause_ms is not None
+
+
+async def test_prefault_keeps_the_memory_verdict(guest: Guest) -> None:
+    """The destination maps all of the guest's memory before the switch (prealloc with
+    MADV_POPULATE_WRITE) while the source guest still rewrites it: not one page may
+    change. The guest checks every page it rewrites (bad=0), on every history."""
+    for mode, prefault in ((MigrationMode.ZERO_COPY, True), (MigrationMode.ZERO_COPY, True),
+                           (MigrationMode.PRECOPY, False), (MigrationMode.ZERO_COPY, True)):
+        res = await guest.migrate(MigrationOptions(mode=mode, prefault=prefault,
+                                                   tail_window=0.3))
+        assert res.guest_ok is True and res.pause_ms is not None
+        if prefault:
+            assert res.shared_frames_ratio == 1.0
+            # Every page of the region is mapped by the destination now, touched or not.
+            assert res.frames is not None
+            assert res.frames["present_dest"] == res.frames["pages"]
+    hb = guest.heartbeat()
+    assert hb is not None
+    later = await guest.wait_heartbeat(hb.seq, timeout=30)
+    assert later is not None and later.ok and later.bad == 0
+
+
+def _reserve_huge_pages(n: int) -> int:
+    """Reserve ``n`` more huge pages; returns the earlier setting (to restore)."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    before = int(path.read_text())
+    path.write_text(str(before + n))
+    if int(path.read_text()) < before + n:
+        path.write_text(str(before))
+        pytest.xfail(f"this host could not reserve {n} huge pages (memory fragmented)")
+    return before
+
+
+async def test_huge_page_guest_moves(host: Host) -> None:
+    """A guest on huge pages moves zero-copy (fresh, moved before) and by precopy (into a
+    new huge-page region); without enough free huge pages the precopy is refused before
+    anything changed, and the guest still runs and moves."""
+    # 128 MiB + the identity's huge page, twice (precopy's second region): 130 pages.
+    before = _reserve_huge_pages(130)
+    try:
+        async with await host.start_guest("hp", "128M", touch=70, hugepages=True) as g:
+            await g.wait_ready(timeout=60)
+            for mode in (MigrationMode.ZERO_COPY, MigrationMode.ZERO_COPY,
+                         MigrationMode.PRECOPY, MigrationMode.ZERO_COPY):
+                res = await g.migrate(MigrationOptions(mode=mode))
+                assert res.guest_ok is True and res.pause_ms is not None
+            fd = await g.qmp("qom-get", {"path": "/objects/ram0", "property": "mem-path"})
+            blksize = os.stat(f"/proc/{g.record.pid}/fd/{fd.rsplit('/', 1)[1]}").st_blksize
+            assert blksize == 2 << 20  # still huge pages after the precopy
+            # Take the free huge pages away: a precopy (a second region) cannot be made.
+            Path("/proc/sys/vm/nr_hugepages").write_text(str(before + 65))
+            with pytest.raises(MigrationError, match="huge pages") as err:
+                await g.migrate(MigrationOptions(mode=MigrationMode.PRECOPY))
+            assert err.value.source_resumed is True
+            res = await g.migrate(MigrationOptions())
+            assert res.guest_ok is True
+    finally:
+        Path("/proc/sys/vm/nr_hugepages").write_text(str(before))

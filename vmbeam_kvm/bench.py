@@ -62,6 +62,7 @@ class BenchRow:
     method: str
     memory_bytes: int
     results: list[MigrationResult] = field(default_factory=list)
+    hugepages: bool = False
     figures: ClassVar[tuple[str, ...]] = FIGURES
     columns: ClassVar[tuple[Column, ...]] = FLAT_COLUMNS
 
@@ -73,7 +74,8 @@ class BenchRow:
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"method": self.method, "memory_bytes": self.memory_bytes,
                                "repeats": len(self.results),
-                               "statistics_over": len(self.repeats)}
+                               "statistics_over": len(self.repeats),
+                               "hugepages": self.hugepages}
         for fig in self.figures:
             row[fig] = summarize([getattr(r, fig) for r in self.repeats])
         first = self.results[0] if self.results else None
@@ -85,38 +87,55 @@ class BenchRow:
         return row
 
 
+PREFAULT = "zero-copy+prefault"  # the row of zero-copy moves with MigrationOptions.prefault
+
+
 async def bench_flat(host: Host, sizes: Sequence[int], *, repeat: int = 3, touch: int = 70,
                      methods: Sequence[MigrationMode] = METHODS,
-                     tail_window: float = TAIL_WINDOW,
+                     tail_window: float = TAIL_WINDOW, prefault: bool = False,
+                     hugepages: bool = False, precopy_max: int | None = None,
                      progress: Callable[[str], None] = lambda _: None) -> list[BenchRow]:
-    """Run the flat benchmark; guests are named ``bench-<size>`` and stopped afterwards."""
+    """Run the flat benchmark; guests are named ``bench-<size>-<backend>`` and stopped
+    afterwards. ``prefault`` adds a row of zero-copy moves that prefault the destination;
+    ``hugepages`` backs the region guests with huge pages; precopy is left out above
+    ``precopy_max`` bytes."""
     rows: list[BenchRow] = []
     for size in sizes:
-        by_method = {m: BenchRow(m.value, size) for m in methods}
-        # zero-copy and precopy move one region-backed guest; cpr-transfer needs QEMU's memfd.
-        for backend, group in ((RamBackend.REGION, [m for m in methods
-                                                    if m is not MigrationMode.CPR_TRANSFER]),
-                               (RamBackend.MEMFD, [m for m in methods
-                                                   if m is MigrationMode.CPR_TRANSFER])):
+        # (row label, mode, prefault) in the order each repeat runs them. Zero-copy and
+        # precopy move one region-backed guest; cpr-transfer needs QEMU's memfd.
+        plan: list[tuple[str, MigrationMode, bool]] = [
+            (m.value, m, False) for m in methods
+            if m is not MigrationMode.PRECOPY or precopy_max is None or size <= precopy_max]
+        if prefault and MigrationMode.ZERO_COPY in methods:
+            plan.insert(1, (PREFAULT, MigrationMode.ZERO_COPY, True))
+        by_label = {label: BenchRow(label, size) for label, _, _ in plan}
+        for backend in (RamBackend.REGION, RamBackend.MEMFD):
+            group = [p for p in plan
+                     if (p[1] is MigrationMode.CPR_TRANSFER) == (backend is RamBackend.MEMFD)]
             if not group:
                 continue
             name = f"bench-{format_size(size)}-{backend.value}"
-            progress(f"{format_size(size)}: starting guest {name} ({touch}% touched)")
-            async with await host.start_guest(name, size, touch=touch,
-                                              backend=backend) as guest:
+            huge = hugepages and backend is RamBackend.REGION
+            progress(f"{format_size(size)}: starting guest {name} ({touch}% touched"
+                     f"{', huge pages' if huge else ''})")
+            async with await host.start_guest(name, size, touch=touch, backend=backend,
+                                              hugepages=huge) as guest:
                 hb = await guest.wait_ready(timeout=120 + 30 * size / (1 << 30))
                 progress(f"{format_size(size)}: guest ready (seq {hb.seq})")
                 for i in range(repeat):
-                    for mode in group:
+                    for label, mode, pf in group:
                         res = await guest.migrate(MigrationOptions(
-                            mode=mode, tail_window=tail_window))
-                        by_method[mode].results.append(res)
-                        progress(f"{format_size(size)} {mode.value} #{i + 1}: "
+                            mode=mode, tail_window=tail_window, prefault=pf))
+                        by_label[label].results.append(res)
+                        progress(f"{format_size(size)} {label} #{i + 1}: "
                                  f"{res.total_ms:.1f} ms, downtime {res.downtime_ms} ms, "
                                  f"pause {res.pause_ms} ms, after/before "
-                                 f"{res.post_switch_slowdown}, "
+                                 f"{res.post_switch_slowdown}, command "
+                                 f"{res.command_ms:.0f} ms, "
                                  f"{res.ram_transferred_bytes / 1e6:.1f} MB, ok={res.guest_ok}")
-        rows.extend(by_method[m] for m in methods)
+        for row in by_label.values():
+            row.hugepages = hugepages and row.method != MigrationMode.CPR_TRANSFER.value
+        rows.extend(by_label.values())
     return rows
 
 

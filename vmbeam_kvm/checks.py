@@ -4,6 +4,7 @@ created or started (bad input exits 2 and changes nothing)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,3 +112,14 @@ def check_new_cloud_vm(store: Store, name: str, tenant: str, memory: int | str, 
     except BadInputError:
         return size  # no such cloud VM yet: the name is free
     raise BadInputError(f"a cloud VM named {name!r} already exists")
+
+
+MAX_TAIL_WINDOW = 10.0
+
+
+def check_tail_window(window: object) -> None:
+    """A move's ``tail_window``: 0 (pause only) up to 10 seconds."""
+    if (isinstance(window, bool) or not isinstance(window, int | float)
+            or not math.isfinite(window) or not 0 <= window <= MAX_TAIL_WINDOW):
+        raise BadInputError(f"invalid tail window {window!r}: use 0 to {MAX_TAIL_WINDOW:g} "
+                            f"seconds")

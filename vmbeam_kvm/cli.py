@@ -22,11 +22,11 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
-from .bench import bench_flat, markdown_table, plot
+from .bench import PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
 from .cloudvm import CLOUD_VM_CPUS
 from .config import Accel, Settings
 from .errors import BadInputError, LaunchError, VmbeamError
-from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory
+from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory, check_huge_pages, check_tail_window
 from .migrate.model import MigrationMode, MigrationOptions, ProgressEvent
 from .store import GuestState
 from .units import check_name, format_size, parse_percent, parse_size
@@ -187,6 +187,8 @@ def guest() -> None:
 @click.option("--cloud-vm", "cloud_vm", help="Run the guest inside this cloud VM (L1).")
 @click.option("--net/--no-net", default=None,
               help="NIC on the lab network (cloud VMs; default: for Linux guests).")
+@click.option("--hugepages", is_flag=True,
+              help="Back the guest's region with the host's reserved huge pages.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the guest's first heartbeat.")
 @json_option
@@ -194,7 +196,7 @@ def guest() -> None:
 @command
 async def guest_start(ctx: click.Context, name: str, memory: str, image: str, touch: str,
                       qemu: str | None, cloud_vm: str | None, net: bool | None,
-                      wait: bool, as_json: bool) -> None:
+                      hugepages: bool, wait: bool, as_json: bool) -> None:
     """Start guest NAME with its RAM in a new beam region."""
     # What needs no store is refused before the state directory is touched.
     check_name(name)
@@ -202,7 +204,7 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
     parse_percent(touch)
     async with Host(_settings(ctx)) as host:
         host.check_new_guest(name, memory, image=image, touch=touch, qemu=qemu,
-                             cloud_vm=cloud_vm)
+                             cloud_vm=cloud_vm, hugepages=hugepages)
         where = f" in cloud VM {cloud_vm}" if cloud_vm else ""
         _progress(f"starting guest {name}{where} ({memory}, image {image}, touch {touch})")
         if cloud_vm:
@@ -214,7 +216,8 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
             st = await host.status(name)
             _emit(as_json, st.to_json(), f"guest {name} running in {cloud_vm}")
             return
-        g = await host.start_guest(name, memory, image=image, touch=touch, qemu=qemu)
+        g = await host.start_guest(name, memory, image=image, touch=touch, qemu=qemu,
+                                   hugepages=hugepages)
         if wait:
             timeout = 120 + 30 * parse_size(memory) / (1 << 30) + (240 if image == "linux"
                                                                    else 0)
@@ -284,6 +287,9 @@ async def guest_stop(ctx: click.Context, name: str, as_json: bool) -> None:
               help="auto: zero-copy when the memory can be shared, else precopy.")
 @click.option("--qemu", help="QEMU binary for the destination (live update).")
 @click.option("--timeout", type=float, help="Seconds allowed before the switch (--local).")
+@click.option("--prefault", is_flag=True,
+              help="Zero-copy on this host: the destination maps all of the guest's memory "
+              "before the switch (contents untouched; untouched pages get allocated).")
 @click.option("--tail-window", type=click.FloatRange(0, 10), default=0.0,
               show_default=True, help="Seconds of the guest's work rate to compare before "
               "the move and right after the switch (post_switch_slowdown); 0: pause only.")
@@ -293,8 +299,8 @@ async def guest_stop(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.pass_context
 @command
 async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mode: str,
-                  qemu: str | None, timeout: float | None, tail_window: float, verbose: bool,
-                  as_json: bool) -> None:
+                  qemu: str | None, timeout: float | None, prefault: bool, tail_window: float,
+                  verbose: bool, as_json: bool) -> None:
     """Migrate guest NAME without copying its RAM (or by precopy).
 
     Progress goes to stderr: each phase with its time, and a bar while precopy streams
@@ -304,8 +310,9 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
     if local == (to is not None):
         raise BadInputError("say where to: --local (a new QEMU process on this host) or "
                             "--to CLOUD_VM")
-    if to is not None and (qemu is not None or timeout is not None):
-        raise BadInputError("--qemu and --timeout apply to --local migrations only")
+    if to is not None and (qemu is not None or timeout is not None or prefault):
+        raise BadInputError("--qemu, --timeout and --prefault apply to --local migrations "
+                            "only")
     if to is not None and mode == MigrationMode.CPR_TRANSFER.value:
         raise BadInputError("cpr-transfer is a local-only mode")
     async with Host(_settings(ctx)) as host:
@@ -337,7 +344,7 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
         if mode == "auto":
             mode = MigrationMode.ZERO_COPY.value
         opts = MigrationOptions(mode=MigrationMode(mode), qemu=qemu, timeout=timeout,
-                                progress=progress, tail_window=tail_window)
+                                progress=progress, tail_window=tail_window, prefault=prefault)
         host.check_migration(name, opts)
         _progress(f"migrating {name} ({mode}) to a new local QEMU")
         res = await host.migrate(name, opts)
@@ -515,12 +522,20 @@ def _check_plot_path(path: Path | None) -> None:
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True)
 @click.option("--touch", default="70%", show_default=True)
 @click.option("--methods", default=",".join(m.value for m in MigrationMode), show_default=True)
+@click.option("--prefault", is_flag=True,
+              help=f"Add a row of zero-copy moves that prefault the destination ({PREFAULT}).")
+@click.option("--hugepages", is_flag=True, help="Region guests on the host's huge pages.")
+@click.option("--precopy-max", default=None,
+              help="Leave precopy out for guests larger than this (e.g. 8G).")
+@click.option("--tail-window", type=click.FloatRange(0, 10), default=TAIL_WINDOW,
+              show_default=True, help="Seconds of work rate compared (post_switch_slowdown).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path))
 @json_option
 @click.pass_context
 @command
 async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str, methods: str,
-                         plot_path: Path | None, as_json: bool) -> None:
+                         prefault: bool, hugepages: bool, precopy_max: str | None,
+                         tail_window: float, plot_path: Path | None, as_json: bool) -> None:
     """Zero-copy vs precopy vs cpr-transfer on this host, per guest size."""
     # Every argument is checked before the first guest boots, not after minutes of runs.
     size_list = _bench_sizes(sizes, in_cloud_vm=False)
@@ -532,10 +547,16 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
     if not modes:
         raise BadInputError("--methods is empty")
     modes = list(dict.fromkeys(modes))  # one row per method
+    check_tail_window(tail_window)
+    pre_max = parse_size(precopy_max) if precopy_max is not None else None
+    if hugepages:
+        for size in size_list:
+            check_huge_pages(size)
     _check_plot_path(plot_path)
     async with Host(_settings(ctx)) as host:
-        rows = await bench_flat(host, size_list, repeat=repeat, touch=pct,
-                                methods=modes, progress=_progress)
+        rows = await bench_flat(host, size_list, repeat=repeat, touch=pct, methods=modes,
+                                tail_window=tail_window, prefault=prefault,
+                                hugepages=hugepages, precopy_max=pre_max, progress=_progress)
     if plot_path is not None:
         plot(rows, plot_path)
         _progress(f"plot written to {plot_path}")
@@ -548,17 +569,20 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
 @click.option("--sizes", default="128M,256M,512M", show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 50), default=1, show_default=True)
 @click.option("--touch", default="70%", show_default=True)
+@click.option("--tail-window", type=click.FloatRange(0, 10), default=TAIL_WINDOW,
+              show_default=True, help="Seconds of work rate compared (post_switch_slowdown).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path))
 @json_option
 @click.pass_context
 @command
 async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str,
-                           plot_path: Path | None, as_json: bool) -> None:
+                           tail_window: float, plot_path: Path | None, as_json: bool) -> None:
     """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed)."""
     from .bench import bench_nested
     from .lab import DEFAULT_LAB, lab_network
     size_list = _bench_sizes(sizes, in_cloud_vm=True)
     pct = parse_percent(touch)
+    check_tail_window(tail_window)
     _check_plot_path(plot_path)
     _settings(ctx).check_lab()
     pair = DEFAULT_LAB["tenant-a"]
@@ -571,7 +595,8 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
             await asyncio.gather(*(host.cloud.start_cloud_vm(n, "tenant-a", lab=net)
                                    for n in started))
             rows = await bench_nested(host, size_list, cloud_vms=(pair[0], pair[1]),
-                                      repeat=repeat, touch=pct, progress=_progress)
+                                      repeat=repeat, touch=pct, tail_window=tail_window,
+                                      progress=_progress)
         finally:
             for n in started:
                 with contextlib.suppress(VmbeamError):

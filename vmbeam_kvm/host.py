@@ -32,6 +32,7 @@ from .checks import (
     check_guest_memory,
     check_new_cloud_vm,
     check_new_guest,
+    check_tail_window,
     mem_available,
 )
 from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS, CloudVMRecord, CloudVMState
@@ -45,6 +46,7 @@ from .placement.cloud import CloudOps
 from .placement.local import LocalPlacement
 from .qemu.machine import GuestImage, MachineSpec, RamBackend
 from .qemu.process import QemuProcess
+from .region import check_huge_pages
 from .runtime import Runtime
 from .store import GuestRecord, GuestState, MigrationPhase, Store
 from .units import check_name, parse_percent, parse_size, shown
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["CLOUD_VM_NAME_MAX", "MIN_CLOUD_VM_MEMORY", "MIN_MEMORY", "CloudVMs", "Host",
-           "check_guest_memory", "mem_available"]
+           "check_guest_memory", "check_huge_pages", "check_tail_window", "mem_available"]
 
 
 class CloudVMs(CloudOps):
@@ -151,7 +153,8 @@ class Host:
     def check_new_guest(self, name: str, memory: int | str, *, image: str = "test",
                         touch: int | str = 70, qemu: str | None = None,
                         backend: RamBackend = RamBackend.REGION,
-                        cloud_vm: str | None = None) -> tuple[int, int, GuestImage]:
+                        cloud_vm: str | None = None,
+                        hugepages: bool = False) -> tuple[int, int, GuestImage]:
         """Every check :meth:`start_guest` makes before it writes or starts anything:
         returns (memory bytes, touch percent, image) or raises :class:`BadInputError`."""
         size = parse_size(memory)
@@ -171,7 +174,14 @@ class Host:
             if self.settings.accel is Accel.KVM and not os.access("/dev/kvm",
                                                                   os.R_OK | os.W_OK):
                 raise BadInputError("--accel kvm requested but /dev/kvm is not usable")
+            if hugepages:
+                if backend is not RamBackend.REGION:
+                    raise BadInputError("--hugepages applies to beam-region guests")
+                check_huge_pages(size)
             return size, pct, img
+        if hugepages:
+            raise BadInputError("--hugepages applies to guests on this host: a cloud VM "
+                                "maps its guests' regions as PCI BARs of its own")
         if qemu is not None or backend is not RamBackend.REGION:
             raise BadInputError("a guest in a cloud VM runs the cloud VM's QEMU on a beam "
                                 "region: qemu and backend apply to guests on this host")
@@ -208,16 +218,19 @@ class Host:
     async def start_guest(self, name: str, memory: int | str, *, image: str = "test",
                           touch: int | str = 70, qemu: str | None = None,
                           backend: RamBackend = RamBackend.REGION,
-                          cloud_vm: str | None = None, net: bool | None = None) -> Guest:
+                          cloud_vm: str | None = None, net: bool | None = None,
+                          hugepages: bool = False) -> Guest:
         """Start a guest whose RAM is a new beam region; returns once QEMU answers QMP.
 
         With ``cloud_vm`` the guest runs inside that cloud VM (its region hot-plugged there;
-        ``net`` gives it a NIC on the lab network, by default for Linux guests). Raises
+        ``net`` gives it a NIC on the lab network, by default for Linux guests;
+        ``hugepages`` backs its region with the host's reserved huge pages). Raises
         BadInputError (nothing changed) or LaunchError (everything started is undone).
         """
         # All of it checked before anything is recorded, created or started.
         size, pct, img = self.check_new_guest(name, memory, image=image, touch=touch,
-                                              qemu=qemu, backend=backend, cloud_vm=cloud_vm)
+                                              qemu=qemu, backend=backend, cloud_vm=cloud_vm,
+                                              hugepages=hugepages)
         if cloud_vm is not None:
             await self.cloud.start_guest(name, cloud_vm, size, image=image, touch=pct,
                                          net=net)
@@ -233,7 +246,7 @@ class Host:
         self.store.add_guest(rec)  # reserves the name atomically
         try:
             with self.store.lock_guest(name):
-                await self.local.start(rec, spec)
+                await self.local.start(rec, spec, huge=hugepages)
         except BaseException:
             self.store.remove_guest(name)
             shutil.rmtree(self.store.state_dir / "guests" / name, ignore_errors=True)
@@ -307,6 +320,10 @@ class Host:
                                 f"backend {backend.value}); cpr-transfer needs a memfd guest")
         if opts.qemu is not None:
             self.settings.resolve_qemu(opts.qemu)
+        check_tail_window(opts.tail_window)
+        if opts.prefault and opts.mode is not MigrationMode.ZERO_COPY:
+            raise BadInputError("--prefault applies to zero-copy moves (the destination "
+                                "maps the guest's memory before the switch)")
 
     async def recover(self) -> None:
         """Resolve moves left unfinished by a command that died."""

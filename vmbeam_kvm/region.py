@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import struct
 import uuid
@@ -35,6 +36,44 @@ class RegionIdentity:
     ram_size: int
     guest: str
     inode: int
+
+
+MADV_POPULATE_WRITE = 23  # <linux/mman.h>; the mmap module of 3.11 may lack it
+
+
+def huge_page_info(meminfo: str = "/proc/meminfo") -> tuple[int, int]:
+    """(free huge pages, huge page size in bytes) of this host."""
+    free, size = 0, 0
+    with open(meminfo) as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                free = int(line.split()[1])
+            elif line.startswith("Hugepagesize:"):
+                size = int(line.split()[1]) * 1024
+    return free, size
+
+
+def check_huge_pages(ram_size: int) -> int:
+    """The huge page size, if ``ram_size`` fits it and enough huge pages are free (RAM plus
+    one for the identity); else BadInputError saying how to reserve them."""
+    free, page = huge_page_info()
+    if page <= 0:
+        raise BadInputError("this host has no huge pages (no Hugepagesize in /proc/meminfo)")
+    if ram_size % page:
+        raise BadInputError(f"huge-page guests need memory in whole {page >> 20} MiB pages, "
+                            f"not {ram_size} bytes")
+    need = ram_size // page + 1
+    if free < need:
+        raise BadInputError(
+            f"a huge-page region for {ram_size >> 20} MiB of RAM needs {need} free huge "
+            f"pages of {page >> 20} MiB, the host has {free}: reserve them first, e.g. "
+            f"`sysctl vm.nr_hugepages={need + _reserved()}`")
+    return page
+
+
+def _reserved() -> int:
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        return int(f.read())
 
 
 def parse_identity(page: bytes, total_size: int, inode: int = 0) -> RegionIdentity:
@@ -98,24 +137,37 @@ class BeamRegion:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def create(cls, ram_size: int, guest: str, *, pow2: bool = False) -> BeamRegion:
+    def create(cls, ram_size: int, guest: str, *, pow2: bool = False,
+               huge: bool = False) -> BeamRegion:
         """Create a new region for ``guest`` with ``ram_size`` bytes of RAM.
 
         ``pow2`` rounds the memfd up to a power of two (a PCI BAR's size); the pages between
-        the RAM and the identity page are never touched, so they cost no memory.
+        the RAM and the identity page are never touched, so they cost no memory. ``huge``
+        backs it with the host's reserved huge pages (``MFD_HUGETLB``): the identity then
+        takes the last huge page, and BadInputError says so when too few are free.
         """
         if ram_size <= 0 or ram_size % PAGE_SIZE:
             raise BadInputError(f"memory size {ram_size} is not a positive multiple of "
                                 f"the page size ({PAGE_SIZE})")
-        total = ram_size + PAGE_SIZE
+        page = check_huge_pages(ram_size) if huge else PAGE_SIZE
+        if huge and pow2:
+            raise BadInputError("huge-page regions are for guests on this host, not in "
+                                "cloud VMs")
+        total = ram_size + page
         if pow2:
             total = 1 << (total - 1).bit_length()
         rid = uuid.uuid4()
-        fd = os.memfd_create(f"vmbeam-{guest}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        header = _HEADER.pack(_MAGIC, rid.bytes, ram_size, guest.encode()[:64])
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if huge else 0)
+        fd = os.memfd_create(f"vmbeam-{guest}", flags)
         try:
             os.ftruncate(fd, total)
-            os.pwrite(fd, _HEADER.pack(_MAGIC, rid.bytes, ram_size, guest.encode()[:64]),
-                      total - PAGE_SIZE)
+            if huge:
+                # hugetlbfs has no write(): the identity goes in through a mapping.
+                with mmap.mmap(fd, page, offset=total - page) as m:
+                    m[page - PAGE_SIZE:page - PAGE_SIZE + len(header)] = header
+            else:
+                os.pwrite(fd, header, total - PAGE_SIZE)
             # The size is part of the identity: nobody may shrink (SIGBUS) or grow it.
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
                         | fcntl.F_SEAL_SEAL)
@@ -156,6 +208,24 @@ class BeamRegion:
     @property
     def ram_size(self) -> int:
         return self.identity.ram_size
+
+    @property
+    def huge(self) -> bool:
+        """Backed by huge pages (hugetlbfs reports its page size as the block size)."""
+        return os.fstat(self.fd).st_blksize > PAGE_SIZE
+
+    def populate_write_supported(self) -> bool:
+        """Whether this kernel prefaults a shared mapping of the region with
+        ``MADV_POPULATE_WRITE`` (Linux 5.14+), which never changes memory contents. QEMU's
+        ``prealloc`` falls back to reading and writing back each page, which would race a
+        source guest still running on the same memory; prefault is refused then."""
+        size = os.fstat(self.fd).st_blksize
+        try:
+            with mmap.mmap(self.fd, size) as m:
+                m.madvise(MADV_POPULATE_WRITE, 0, size)
+        except OSError:
+            return False
+        return True
 
     @property
     def size(self) -> int:

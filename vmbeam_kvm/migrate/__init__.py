@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from ..checks import check_tail_window
 from ..errors import BadInputError
 from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
@@ -93,6 +94,11 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
                                 f"{dst_vm.tenant!r}, guest {name!r} to {rec.tenant!r}")
         if opts.mode is MigrationMode.CPR_TRANSFER:
             raise BadInputError("cpr-transfer is a local-only mode")
+        check_tail_window(opts.tail_window)
+        if opts.prefault:
+            # In a cloud VM the region is a PCI BAR read through /dev/mem, which QEMU can
+            # only prefault by reading and writing back each page: racing the source.
+            raise BadInputError("--prefault applies to moves on this host")
         route = CloudRoute(ops, rec, src_vm, dst_vm, opts)
         await route.open()
         mig_id = store.begin_migration(name, opts.mode.value, rec.pid, 0)

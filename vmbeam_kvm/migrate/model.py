@@ -61,6 +61,11 @@ class MigrationOptions:
     progress: ProgressCallback | None = None  # sees every ProgressEvent of the move
     # Measure the pause the guest sees around the switch from its ticks (vmbeam_kvm.ticks).
     measure_pause: bool = True
+    # Zero-copy on this host: the destination QEMU maps (prefaults) all of the guest's
+    # memory before the switch (prealloc with MADV_POPULATE_WRITE: contents untouched),
+    # so the guest does not fault its pages in after it. Pages the guest never touched
+    # are allocated (zeroed) too.
+    prefault: bool = False
     # > 0: also its work rate over `tail_window` s right after the switch against as long a
     # window before the move (post_switch_slowdown); the move takes about 2x this longer
     # (in command_ms; not in total_ms).

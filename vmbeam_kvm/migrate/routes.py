@@ -148,7 +148,12 @@ class LocalRoute(Route):
         elif self.mode is MigrationMode.ZERO_COPY:
             self.dst_region = self.src_region
         else:
-            self.dst_region = BeamRegion.create(self.rec.memory, self.rec.name)
+            self.dst_region = BeamRegion.create(self.rec.memory, self.rec.name,
+                                                huge=self.src_region.huge)
+        if self.opts.prefault and not self.dst_region.populate_write_supported():
+            raise RegionError("this kernel cannot prefault the region without touching "
+                              "its contents (no MADV_POPULATE_WRITE): move without "
+                              "--prefault")
 
     def meter_address(self) -> tuple[str, str | None] | None:
         return "127.0.0.1", None
@@ -171,7 +176,7 @@ class LocalRoute(Route):
             assert self.dst_region is not None
             argv = build_argv(self._spec(), qmp_path=self.qmp_path, serial_path=self.serial,
                               ram_fd=self.dst_region.fd, incoming=["defer"],
-                              ticks_to=self.ticks_to)
+                              ticks_to=self.ticks_to, prealloc=self.opts.prefault)
             self.dst = await QemuProcess.launch(argv, self.qmp_path, self.qlog,
                                                 pass_fds=[self.dst_region.fd], connect=False)
         self.place.rt.procs.adopt(self.dst)

@@ -50,12 +50,13 @@ class LocalPlacement:
         return self.rt.procs.attach(ProcessRef(rec.pid, rec.pid_start), Path(rec.qmp_path),
                                     Path(rec.log_path))
 
-    async def start(self, rec: GuestRecord, spec: MachineSpec) -> None:
-        """Launch the guest's first QEMU (on a new beam region unless ``spec`` says memfd)
-        and record it running; raises LaunchError when QEMU does not come up."""
+    async def start(self, rec: GuestRecord, spec: MachineSpec, *, huge: bool = False) -> None:
+        """Launch the guest's first QEMU (on a new beam region, of huge pages if ``huge``,
+        unless ``spec`` says memfd) and record it running; raises LaunchError when QEMU
+        does not come up."""
         qmp, serial, qlog = self.instance_paths(rec.name, 0)
         if spec.backend is RamBackend.REGION:
-            with BeamRegion.create(spec.memory, rec.name) as region:
+            with BeamRegion.create(spec.memory, rec.name, huge=huge) as region:
                 argv = build_argv(spec, qmp_path=qmp, serial_path=serial, ram_fd=region.fd)
                 proc = await QemuProcess.launch(argv, qmp, qlog, pass_fds=[region.fd])
                 rec.region_id = region.region_id

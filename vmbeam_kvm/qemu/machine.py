@@ -72,11 +72,12 @@ class MachineSpec:
 def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
                ram_fd: int | None = None, ram_path: str | None = None, ram_offset: int = 0,
                incoming: list[str] | None = None,
-               ticks_to: tuple[str, int] | None = None) -> list[str]:
+               ticks_to: tuple[str, int] | None = None, prealloc: bool = False) -> list[str]:
     """QEMU argv for ``spec``.
 
     ``ticks_to`` points the tick port at a meter from the start (a destination measured
-    while it takes over); without it the ticks go nowhere.
+    while it takes over); without it the ticks go nowhere. ``prealloc`` maps (prefaults)
+    all of a region before the guest runs (callers check MADV_POPULATE_WRITE first).
 
     A region is given either as ``ram_fd`` (the memfd's fd number inside QEMU) or as
     ``ram_path`` + ``ram_offset`` (inside a cloud VM: ``/dev/mem`` at the region's BAR).
@@ -89,7 +90,8 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
             raise ValueError("a region-backed guest needs ram_fd or ram_path")
         # share=on is what makes x-ignore-shared skip the RAM (DESIGN §4.3).
         ram = (f"memory-backend-file,id={RAM_ID},mem-path={ram_path},size={spec.memory},"
-               f"share=on" + (f",offset={ram_offset}" if ram_offset else ""))
+               f"share=on" + (f",offset={ram_offset}" if ram_offset else "")
+               + (",prealloc=on" if prealloc else ""))
     else:
         ram = f"memory-backend-memfd,id={RAM_ID},size={spec.memory},share=on"
         machine += ",aux-ram-share=on"
