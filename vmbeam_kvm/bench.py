@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .errors import MigrationError
 from .host import Host
 from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
 from .qemu.machine import RamBackend
@@ -62,6 +63,7 @@ class BenchRow:
     method: str
     memory_bytes: int
     results: list[MigrationResult] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # moves that failed, source running
     hugepages: bool = False
     figures: ClassVar[tuple[str, ...]] = FIGURES
     columns: ClassVar[tuple[Column, ...]] = FLAT_COLUMNS
@@ -75,7 +77,7 @@ class BenchRow:
         row: dict[str, Any] = {"method": self.method, "memory_bytes": self.memory_bytes,
                                "repeats": len(self.results),
                                "statistics_over": len(self.repeats),
-                               "hugepages": self.hugepages}
+                               "hugepages": self.hugepages, "failures": self.failures}
         for fig in self.figures:
             row[fig] = summarize([getattr(r, fig) for r in self.repeats])
         first = self.results[0] if self.results else None
@@ -83,7 +85,8 @@ class BenchRow:
                              if first is not None else None)
         row["first_move_ms"] = first.total_ms if first is not None else None
         row["first_move_pause_ms"] = first.pause_ms if first is not None else None
-        row["guest_ok"] = bool(self.results) and all(r.guest_ok for r in self.results)
+        row["guest_ok"] = (bool(self.results) and not self.failures
+                           and all(r.guest_ok for r in self.results))
         return row
 
 
@@ -124,8 +127,16 @@ async def bench_flat(host: Host, sizes: Sequence[int], *, repeat: int = 3, touch
                 progress(f"{format_size(size)}: guest ready (seq {hb.seq})")
                 for i in range(repeat):
                     for label, mode, pf in group:
-                        res = await guest.migrate(MigrationOptions(
-                            mode=mode, tail_window=tail_window, prefault=pf))
+                        try:
+                            res = await guest.migrate(MigrationOptions(
+                                mode=mode, tail_window=tail_window, prefault=pf))
+                        except MigrationError as exc:
+                            if not exc.source_resumed:
+                                raise
+                            # A miss is a result too: counted, and the guest moves on.
+                            by_label[label].failures.append(str(exc))
+                            progress(f"{format_size(size)} {label} #{i + 1}: FAILED ({exc})")
+                            continue
                         by_label[label].results.append(res)
                         progress(f"{format_size(size)} {label} #{i + 1}: "
                                  f"{res.total_ms:.1f} ms, downtime {res.downtime_ms} ms, "

@@ -82,6 +82,12 @@ def check_lab_network(ns: str, subnet: str) -> None:
                             f"/{_LAB_MAX_PREFIX} or larger")
 
 
+def prefault_connect_timeout(memory: int) -> float:
+    """How long a prefaulting destination QEMU may take to open QMP: 20 s plus 10 s per
+    GiB (it maps all of the region first; 16 GiB took over 20 s on 2 busy cores)."""
+    return 20.0 + 10.0 * memory / (1 << 30)
+
+
 # `make qemu` (scripts/build-qemu.sh) links the patched QEMU here (README "Patched QEMU").
 PATCHED_QEMU = REPO_ROOT / "build" / "qemu" / "qemu-system-x86_64"
 

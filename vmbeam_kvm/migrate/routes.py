@@ -23,7 +23,12 @@ from typing import Any
 
 from ..agent.protocol import L2Started
 from ..cloudvm import CloudVMRecord
-from ..config import EJECT_GRACE, NESTED_DOWNTIME_LIMIT_MS, SOURCE_QUIT_TIMEOUT
+from ..config import (
+    EJECT_GRACE,
+    NESTED_DOWNTIME_LIMIT_MS,
+        SOURCE_QUIT_TIMEOUT,
+    prefault_connect_timeout,
+)
 from ..errors import AgentError, LaunchError, RegionError, VmbeamError
 from ..heartbeat import Heartbeat, read_status, wait_for_heartbeat
 from ..pagemap import FrameComparison, compare_frames, find_memfd_inode
@@ -190,7 +195,9 @@ class LocalRoute(Route):
         if self.cpr:
             await self._wait_cpr_socket()
             return
-        await self.dst.connect()
+        # A prefaulting QEMU maps all of the region before it opens QMP.
+        await self.dst.connect(prefault_connect_timeout(self.rec.memory)
+                               if self.opts.prefault else 20.0)
         if self.mode is not MigrationMode.ZERO_COPY:
             return
         # Refuse unless the destination maps this very region, shared (DESIGN §4.3, §4.4).
