@@ -187,6 +187,10 @@ class TickMeter:
         with self._lock:
             return bool(self.arrivals) and self.arrivals[-1] > t
 
+    def first_arrival(self) -> float | None:
+        with self._lock:
+            return self.arrivals[0] if self.arrivals else None
+
     def last_arrival(self) -> float | None:
         with self._lock:
             return self.arrivals[-1] if self.arrivals else None

@@ -437,7 +437,12 @@ class MigrationRun:
         """The pause the guest saw around the switch (it stopped after ``wall0`` and ran
         again by ``wall1``) and its work rate on each side; left None without ticks."""
         meter, window = self.meter, self.opts.tail_window
-        if meter is None or not await meter.wait_after(wall1, 5.0):
+        if meter is None:
+            return
+        first = meter.first_arrival()
+        if first is None or first > wall0:
+            return  # a guest that sends no ticks (the Linux image): nothing to wait for
+        if not await meter.wait_after(wall1, 5.0):
             return
         gap = meter.longest_gap(wall0, wall1)
         if gap is not None and window > 0:
