@@ -43,6 +43,8 @@ def table(results: list[MigrationResult]) -> str:
     rows = [
         ("total time (ms)", lambda r: f"{r.total_ms:.1f}"),
         ("downtime (ms)", lambda r: f"{r.downtime_ms}"),
+        ("pause the guest saw (ms)", lambda r: "n/a" if r.pause_ms is None
+         else f"{r.pause_ms:.1f}"),
         ("RAM sent (bytes)", lambda r: f"{r.ram_transferred_bytes:,}"),
         ("shared frames", lambda r: "n/a" if r.shared_frames_ratio is None
          else f"{r.shared_frames_ratio:.4f}"),
@@ -51,7 +53,7 @@ def table(results: list[MigrationResult]) -> str:
         ("guest ok after move", lambda r: str(r.guest_ok)),
     ]
     if all(r.source_cloud_vm is not None for r in results):
-        rows[3:5] = [
+        rows[4:6] = [
             ("bytes on L1-L1 link", lambda r: f"{getattr(r, 'network_bytes', 0):,}"),
             ("L0 CPU, all QEMUs (s)", lambda r: f"{getattr(r, 'l0_cpu_seconds', 0):.2f}"),
             ("source detached", lambda r: str(getattr(r, "source_detached", None))),
