@@ -392,7 +392,7 @@ async def cloud_vm_start(ctx: click.Context, name: str, tenant: str, memory: str
 def _cvm_json(rec: Any) -> dict[str, Any]:
     return {"name": rec.name, "tenant": rec.tenant, "state": rec.state.value,
             "memory_bytes": rec.memory, "cpus": rec.cpus, "pid": rec.pid, "ip": rec.ip,
-            "regions": sorted(rec.attachments)}
+            "accel": rec.accel or None, "regions": sorted(rec.attachments)}
 
 
 @cloud_vm.command("list")
@@ -455,6 +455,43 @@ async def lab_down(ctx: click.Context, as_json: bool) -> None:
     async with Host(_settings(ctx)) as host:
         await do_lab_down(host)
     _emit(as_json, {"status": "down"}, "lab down")
+
+
+# ---------------------------------------------------------------------------- accelerator
+@main.command("accel")
+@click.option("--reprobe", is_flag=True, help="Measure again instead of reading the cache.")
+@json_option
+@click.pass_context
+@command
+async def accel_cmd(ctx: click.Context, reprobe: bool, as_json: bool) -> None:
+    """Show the accelerator new guests and cloud VMs get, and the measurements behind it.
+
+    `auto` runs the same guest work under TCG and KVM and takes KVM only where it is clearly
+    faster; the verdict is cached per kernel, QEMU binary and /dev/kvm flavour."""
+    settings = _settings(ctx)
+    async with Host(settings) as host:
+        _progress("accel: measuring TCG and KVM (about 10 s)" if reprobe else
+                  "accel: the cached verdict, or measuring TCG and KVM (about 10 s)")
+        guest_accel, cvm_accel, found = await host.accel(reprobe=reprobe)
+    probed = found.to_json()
+    # guest/cloud_vm: what this setting gives; auto: what the measurement chose.
+    out = {"setting": settings.accel.value, "guest": guest_accel, "cloud_vm": cvm_accel,
+           "auto": {"guest": probed.pop("guest"), "cloud_vm": probed.pop("cloud_vm")},
+           **probed}
+
+    def rates(run: Any) -> str:
+        if run is None:
+            return "not run"
+        if not run["completed"]:
+            return f"failed: {run['error']}"
+        return (f"ready {run['ready_s']:.2f} s, first touch {run['fill_pages_per_s']:,.0f} "
+                f"pages/s, loop {run['work_steps_per_s']:,.0f} steps/s")
+    human = (f"guests: {guest_accel}, cloud VMs: {cvm_accel} (--accel {settings.accel.value}; "
+             f"/dev/kvm: {found.flavour})\n"
+             f"  auto for guests: {found.guest}: {found.reason}\n"
+             f"  auto for cloud VMs: {found.cloud_vm}: {found.cloud_vm_reason}\n"
+             f"  TCG: {rates(out['tcg'])}\n  KVM: {rates(out['kvm'])}")
+    _emit(as_json, out, human)
 
 
 # ------------------------------------------------------------------------------- regions

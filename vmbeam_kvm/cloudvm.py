@@ -70,6 +70,7 @@ class CloudVMRecord:
     console_path: str = ""
     log_path: str = ""
     created_at: float = 0.0
+    accel: str = ""  # the -accel it boots with ("" in stores from before it was recorded)
     # region id -> {"port": root port, "fdset": fdset id, "dev": device id, "obj": object id}
     attachments: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -24,7 +24,7 @@ import shutil
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .accel import resolve_accel
+from .accel import AccelVerdict, resolve_accel, verdict
 from .checks import (
     CLOUD_VM_NAME_MAX,
     MIN_CLOUD_VM_MEMORY,
@@ -145,6 +145,16 @@ class Host:
         """The QEMU process on this host that currently runs ``rec``."""
         return self.local.process(rec)
 
+    async def accel(self, *, reprobe: bool = False) -> tuple[str, str, AccelVerdict]:
+        """(guest accel, cloud-VM accel, the measured verdict) that this host's settings
+        mean; ``reprobe`` measures again instead of reading the cache."""
+        s = self.settings
+        qemu = s.resolve_qemu()
+        found = await verdict(qemu, s.images_dir, s.state_dir, reprobe=reprobe)
+        return (await resolve_accel(s.accel, qemu, s.images_dir, s.state_dir),
+                await resolve_accel(s.accel, qemu, s.images_dir, s.state_dir, cloud_vm=True),
+                found)
+
     # -- guests ---------------------------------------------------------------------------
     def validate_new_guest(self, name: str, memory: int, *, in_cloud_vm: bool = False) -> None:
         """Refuse a new guest's name and size before anything is recorded or started."""
@@ -261,8 +271,13 @@ class Host:
         return self.store.guests()
 
     async def status(self, name: str) -> GuestStatus:
+        """The guest's status, never waiting for another command: a guest another command
+        holds (a move in flight) is reported from its record, marked ``busy``."""
         rec = self.store.get_guest(name)
-        return await self.placement(rec).status(rec)
+        busy = self.store.guest_locked(name)
+        if busy:
+            rec = self.store.get_guest(name)  # what the other command recorded last
+        return await self.placement(rec).status(rec, busy=busy)
 
     async def stop_guest(self, name: str, *, missing_ok: bool = False) -> None:
         """Quit the guest's QEMU (its region goes with it) and forget the guest."""
