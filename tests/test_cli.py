@@ -51,6 +51,10 @@ def test_migrate_json(state_dir: Path, cli_guest: dict) -> None:  # type: ignore
     pre = cli_json(state_dir, "migrate", "c1", "--local", "--mode", "precopy")
     assert isinstance(pre, dict)
     assert pre["shared_frames_ratio"] is None and pre["ram_transferred_bytes"] > 100 << 20
+    assert pre["mode_reason"] == "requested"
+    auto = cli_json(state_dir, "migrate", "c1", "--local")  # --mode auto, resolved honestly
+    assert isinstance(auto, dict) and auto["mode"] == "zero-copy"
+    assert auto["mode_reason"].startswith("auto: ") and auto["guest_ok"] is True
     assert len(qemu_pids(str(state_dir))) == 1
 
 

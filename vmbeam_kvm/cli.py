@@ -22,7 +22,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
-from .bench import PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
+from .bench import METHODS, PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
 from .cloudvm import CLOUD_VM_CPUS
 from .config import Accel, Settings
 from .errors import BadInputError, LaunchError, VmbeamError
@@ -282,9 +282,11 @@ async def guest_stop(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--local", is_flag=True, help="Move to a new QEMU process on this host.")
 @click.option("--to", "to", help="Move into this co-located cloud VM (L1).")
-@click.option("--mode", type=click.Choice(["auto", *(m.value for m in MigrationMode)]),
+@click.option("--mode", type=click.Choice([m.value for m in MigrationMode]),
               default="auto", show_default=True,
-              help="auto: zero-copy when the memory can be shared, else precopy.")
+              help="auto: zero-copy where the memory can be shared (a guest on this host, "
+              "or between cloud VMs of this host; cpr-transfer for a memfd guest), else "
+              "precopy; --json says why (mode_reason).")
 @click.option("--qemu", help="QEMU binary for the destination (live update).")
 @click.option("--timeout", type=float, help="Seconds allowed before the switch (--local).")
 @click.option("--prefault", is_flag=True,
@@ -330,8 +332,7 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
             # A cross-tenant request is refused (and logged) by the migration itself.
             if host.cloud.vm(to).tenant == rec.tenant:
                 _progress(f"migrating {name} ({mode}) to cloud VM {to}")
-            nopts = MigrationOptions(mode=MigrationMode.ZERO_COPY if mode == "auto"
-                                     else MigrationMode(mode), progress=progress,
+            nopts = MigrationOptions(mode=MigrationMode(mode), progress=progress,
                                      tail_window=tail_window)
             nres = await host.cloud.migrate(name, to, options=nopts)
             _emit(as_json, nres.to_json(),
@@ -341,8 +342,6 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
                   f"{nres.ram_transferred_bytes} bytes of RAM sent, source detached: "
                   f"{nres.source_detached}, guest ok: {nres.guest_ok}")
             return
-        if mode == "auto":
-            mode = MigrationMode.ZERO_COPY.value
         opts = MigrationOptions(mode=MigrationMode(mode), qemu=qemu, timeout=timeout,
                                 progress=progress, tail_window=tail_window, prefault=prefault)
         host.check_migration(name, opts)
@@ -558,7 +557,7 @@ def _check_plot_path(path: Path | None) -> None:
 @click.option("--sizes", default="1G,4G,8G", show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True)
 @click.option("--touch", default="70%", show_default=True)
-@click.option("--methods", default=",".join(m.value for m in MigrationMode), show_default=True)
+@click.option("--methods", default=",".join(m.value for m in METHODS), show_default=True)
 @click.option("--prefault", is_flag=True,
               help=f"Add a row of zero-copy moves that prefault the destination ({PREFAULT}).")
 @click.option("--hugepages", is_flag=True, help="Region guests on the host's huge pages.")
@@ -579,6 +578,8 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
     pct = parse_percent(touch)
     try:
         modes = [MigrationMode(m.strip()) for m in methods.split(",") if m.strip()]
+        if any(m not in METHODS for m in modes):
+            raise ValueError("auto is no method to measure")
     except ValueError as exc:
         raise BadInputError(f"unknown method in {methods!r}") from exc
     if not modes:

@@ -39,7 +39,7 @@ from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS, CloudVMRecord, CloudVMState
 from .config import Accel, Settings
 from .errors import BadInputError, GuestBusyError, UnknownGuestError
 from .guest import Guest, GuestStatus
-from .migrate import migrate_between, migrate_local, recover_move
+from .migrate import choose_mode, migrate_between, migrate_local, recover_move
 from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
 from .placement import Placement
 from .placement.cloud import CloudOps
@@ -66,9 +66,9 @@ class CloudVMs(CloudOps):
 
     async def migrate(self, name: str, to: str, mode: MigrationMode | None = None, *,
                       options: MigrationOptions | None = None) -> MigrationResult:
-        """Move guest ``name`` into cloud VM ``to`` (``mode`` None = zero-copy: both cloud
-        VMs are on this host and share the tenant)."""
-        opts = options or MigrationOptions(mode=mode or MigrationMode.ZERO_COPY)
+        """Move guest ``name`` into cloud VM ``to`` (``mode`` None = auto: zero-copy, as
+        both cloud VMs are on this host)."""
+        opts = options or MigrationOptions(mode=mode or MigrationMode.AUTO)
         return await migrate_between(self, name, to, opts)
 
 
@@ -330,6 +330,8 @@ class Host:
             raise BadInputError(f"guest {name!r} is {rec.state.value}; only a running guest "
                                 f"can be migrated")
         backend = RamBackend(rec.backend)
+        if opts.mode is MigrationMode.AUTO:
+            opts = choose_mode(opts, rec)[0]  # what the move will check under its lock
         if (opts.mode is MigrationMode.CPR_TRANSFER) != (backend is RamBackend.MEMFD):
             raise BadInputError(f"mode {opts.mode.value} does not fit guest {name!r} (RAM "
                                 f"backend {backend.value}); cpr-transfer needs a memfd guest")
