@@ -420,6 +420,76 @@ async def cloud_vm_stop(ctx: click.Context, name: str, as_json: bool) -> None:
     _emit(as_json, {"name": name, "status": "stopped"}, f"cloud VM {name} stopped")
 
 
+def _cloud_vm_list(value: str | None) -> list[str] | None:
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    for n in names:
+        check_name(n, "cloud VM name", CLOUD_VM_NAME_MAX)
+    return names or None
+
+
+def _evacuation_lines(ev: Any, verb: str) -> list[str]:
+    lines = [f"{verb} {ev.cloud_vm}: {ev.summary()['completed']} of {len(ev.moves)} guests "
+             f"moved in {ev.wall_ms:.0f} ms ({ev.parallel} at a time)"]
+    for m in ev.moves:
+        pause = "" if m.pause_ms is None else f", pause {m.pause_ms:.1f} ms"
+        lines.append(f"  {m.guest:16} {m.source_cloud_vm} -> {m.dest_cloud_vm}: {m.status}"
+                     f"{pause}{': ' + m.error if m.error else ''}")
+    return lines
+
+
+@cloud_vm.command("evacuate")
+@click.argument("name")
+@click.option("--to", "to", help="Destination cloud VMs, comma-separated (default: every "
+              "running cloud VM of the same tenant).")
+@click.option("--parallel", type=click.IntRange(1, 64),
+              help="Moves at once (default: one per host CPU).")
+@json_option
+@click.pass_context
+@command
+async def cloud_vm_evacuate(ctx: click.Context, name: str, to: str | None,
+                            parallel: int | None, as_json: bool) -> None:
+    """Move every guest out of cloud VM NAME, zero-copy, several at once.
+
+    A guest whose move fails rolls back alone; the exit code is the worst guest's."""
+    check_name(name, "cloud VM name", CLOUD_VM_NAME_MAX)
+    dests = _cloud_vm_list(to)
+    async with Host(_settings(ctx)) as host:
+        ev = await host.evacuate(name, dests, parallel=parallel,
+                                 progress=lambda msg: _progress(f"evacuate: {msg}"))
+    _emit(as_json, ev.to_json(), "\n".join(_evacuation_lines(ev, "evacuated")))
+    if ev.exit_code:
+        sys.exit(ev.exit_code)
+
+
+@cloud_vm.command("rejuvenate")
+@click.argument("name")
+@click.option("--to", "to", help="Where the guests wait, comma-separated (default: every "
+              "running cloud VM of the same tenant).")
+@click.option("--parallel", type=click.IntRange(1, 64),
+              help="Moves at once (default: one per host CPU).")
+@json_option
+@click.pass_context
+@command
+async def cloud_vm_rejuvenate(ctx: click.Context, name: str, to: str | None,
+                              parallel: int | None, as_json: bool) -> None:
+    """Evacuate cloud VM NAME, boot it again fresh, and move its guests back."""
+    check_name(name, "cloud VM name", CLOUD_VM_NAME_MAX)
+    dests = _cloud_vm_list(to)
+    async with Host(_settings(ctx)) as host:
+        rj = await host.rejuvenate(name, dests, parallel=parallel,
+                                   progress=lambda msg: _progress(f"rejuvenate: {msg}"))
+    lines = _evacuation_lines(rj.out, "out of")
+    if rj.restarted:
+        lines.append(f"cloud VM {name} restarted in {rj.restart_ms:.0f} ms")
+    else:
+        lines.append(f"cloud VM {name} NOT restarted: a guest could not be moved out")
+    if rj.back is not None:
+        lines += _evacuation_lines(rj.back, "back into")
+    _emit(as_json, rj.to_json(), "\n".join(lines))
+    if rj.exit_code:
+        sys.exit(rj.exit_code)
+
+
 # ---------------------------------------------------------------------------------- lab
 @main.group()
 def lab() -> None:

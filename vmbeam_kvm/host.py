@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ from .checks import (
 from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS, CloudVMRecord, CloudVMState
 from .config import Accel, Settings
 from .errors import BadInputError, GuestBusyError, UnknownGuestError
+from .evacuate import Evacuation, Rejuvenation, evacuate, rejuvenate
 from .guest import Guest, GuestStatus
 from .migrate import choose_mode, migrate_between, migrate_local, recover_move
 from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
@@ -297,6 +299,20 @@ class Host:
             await self.cloud.stop_cloud_vm(vm.name)
 
     # -- moves ----------------------------------------------------------------------------
+    async def evacuate(self, cloud_vm: str, to: list[str] | None = None, *,
+                       parallel: int | None = None,
+                       progress: Callable[[str], None] | None = None) -> Evacuation:
+        """Move every guest out of ``cloud_vm``, zero-copy, several at once (into ``to``
+        or any cloud VM of its tenant with free slots); see :mod:`vmbeam_kvm.evacuate`."""
+        return await evacuate(self.cloud, cloud_vm, to, parallel=parallel, progress=progress)
+
+    async def rejuvenate(self, cloud_vm: str, to: list[str] | None = None, *,
+                         parallel: int | None = None,
+                         progress: Callable[[str], None] | None = None) -> Rejuvenation:
+        """Evacuate ``cloud_vm``, boot it again fresh and move its guests back."""
+        return await rejuvenate(self.cloud, cloud_vm, to, parallel=parallel,
+                              progress=progress)
+
     async def migrate(self, name: str, options: MigrationOptions | None = None
                       ) -> MigrationResult:
         """Move a running guest to a new QEMU process on this host."""
