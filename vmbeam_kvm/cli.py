@@ -437,14 +437,24 @@ def _evacuation_lines(ev: Any, verb: str) -> list[str]:
     return lines
 
 
-@cloud_vm.command("evacuate")
-@click.argument("name")
-@click.option("--to", "to", help="Destination cloud VMs, comma-separated (default: every "
-              "running cloud VM of the same tenant).")
-@click.option("--parallel", type=click.IntRange(1, 64),
-              help="Moves at once (default: one per host CPU).")
-@json_option
-@click.pass_context
+def _evacuation_command(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """The options evacuate and rejuvenate share (NAME, --to, --parallel, --json)."""
+    decorators: list[Callable[[Any], Any]] = [
+        cloud_vm.command(name), click.argument("name"),
+        click.option("--to", "to", help="Destination cloud VMs, comma-separated (default: "
+                     "every running cloud VM of the same tenant)."),
+        click.option("--parallel", type=click.IntRange(1, 64),
+                     help="Moves at once (default: one per host CPU)."),
+        json_option, click.pass_context]
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        for deco in reversed(decorators):
+            fn = deco(fn)
+        return fn
+    return wrap
+
+
+@_evacuation_command("evacuate")
 @command
 async def cloud_vm_evacuate(ctx: click.Context, name: str, to: str | None,
                             parallel: int | None, as_json: bool) -> None:
@@ -461,14 +471,7 @@ async def cloud_vm_evacuate(ctx: click.Context, name: str, to: str | None,
         sys.exit(ev.exit_code)
 
 
-@cloud_vm.command("rejuvenate")
-@click.argument("name")
-@click.option("--to", "to", help="Where the guests wait, comma-separated (default: every "
-              "running cloud VM of the same tenant).")
-@click.option("--parallel", type=click.IntRange(1, 64),
-              help="Moves at once (default: one per host CPU).")
-@json_option
-@click.pass_context
+@_evacuation_command("rejuvenate")
 @command
 async def cloud_vm_rejuvenate(ctx: click.Context, name: str, to: str | None,
                               parallel: int | None, as_json: bool) -> None:
