@@ -2,7 +2,8 @@
 
 Every command takes ``--json`` (one JSON document on stdout); human progress goes to stderr.
 Exit codes: 0 success, 2 bad input (nothing changed), 3 migration failed and the source guest
-runs again, 4 unsafe state needing action, 1 any other failure.
+runs again, 4 unsafe state needing action, 1 any other failure, 130 / 143 interrupted by
+SIGINT / SIGTERM (what the command made is undone first).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
@@ -25,7 +27,7 @@ import click
 from .bench import METHODS, PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
 from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS
 from .config import Accel, Settings
-from .errors import BadInputError, LaunchError, VmbeamError
+from .errors import BadInputError, CommandInterrupted, LaunchError, VmbeamError
 from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory, check_huge_pages, check_tail_window
 from .migrate.model import MigrationMode, MigrationOptions, ProgressEvent
 from .store import GuestState
@@ -98,13 +100,44 @@ def _fail(message: str, error_type: str, exit_code: int, as_json: bool) -> NoRet
     sys.exit(exit_code)
 
 
+async def _interruptible(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a command's coroutine so that SIGINT and SIGTERM cancel it: its ``finally`` and
+    ``except BaseException`` cleanups run (Python runs none on a default SIGTERM, and
+    asyncio's own SIGINT handler raises KeyboardInterrupt on the second Ctrl-C, wherever
+    the cleanup is). The first signal cancels; later ones only say that cleanup goes on.
+    Raises :class:`CommandInterrupted` once the command has unwound."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    got: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not got:
+            got.append(signum)
+            _progress(f"{name}: interrupted, cleaning up")
+            task.cancel()
+        else:
+            _progress(f"{name}: still cleaning up (what the command made is being undone)")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await coro
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        raise CommandInterrupted(f"interrupted by {signal.Signals(got[0]).name}",
+                                 signum=got[0]) from None
+
+
 def command(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
     """Run an async command; map vmbeam errors to their exit codes and clear messages."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
         try:
-            asyncio.run(fn(*args, **kwargs))
+            asyncio.run(_interruptible(fn(*args, **kwargs)))
         except VmbeamError as exc:
             _fail(str(exc), type(exc).__name__, exc.exit_code, bool(kwargs.get("as_json")))
 
@@ -210,9 +243,12 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
         if cloud_vm:
             rec = await host.cloud.start_guest(name, cloud_vm, memory, image=image,
                                                touch=touch, net=net)
-            if wait and await host.cloud.wait_heartbeat(rec, timeout=1200) is None:
+            try:
+                if wait and await host.cloud.wait_heartbeat(rec, timeout=1200) is None:
+                    raise LaunchError(f"guest {name!r} sent no heartbeat in {cloud_vm}")
+            except BaseException:  # also interrupted: a start that did not finish is undone
                 await host.stop_guest(name)
-                raise LaunchError(f"guest {name!r} sent no heartbeat in {cloud_vm}")
+                raise
             st = await host.status(name)
             _emit(as_json, st.to_json(), f"guest {name} running in {cloud_vm}")
             return
@@ -223,7 +259,7 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
                                                                    else 0)
             try:
                 await g.wait_ready(timeout=timeout)
-            except VmbeamError:
+            except BaseException:  # also interrupted: a start that did not finish is undone
                 await host.stop_guest(name)
                 raise
         st = await host.status(name)

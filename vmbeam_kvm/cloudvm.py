@@ -17,6 +17,7 @@ import logging
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -211,9 +212,12 @@ def mac_for(name: str) -> str:
 
 
 async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | None,
-                         agent: AgentClient) -> QemuProcess:
+                         agent: AgentClient,
+                         on_spawn: Callable[[QemuProcess], None] | None = None
+                         ) -> QemuProcess:
     """Start the L1 QEMU (inside the lab's namespace, where its tap lives) and wait for
-    its agent (on ``agent``: QEMU's chardev serves one client at a time).
+    its agent (on ``agent``: QEMU's chardev serves one client at a time). ``on_spawn`` is
+    given each QEMU started, before its agent is waited on (to record it).
 
     A cloud VM whose agent does not answer by ``BOOT_TIMEOUT`` is restarted once (its
     console kept as ``console.log.1``); if it fails again the error names it and quotes the
@@ -222,7 +226,7 @@ async def launch_cloudvm(rec: CloudVMRecord, argv: list[str], lab: LabNetwork | 
     attempt = 1
     while True:
         proc = await QemuProcess.launch(argv, Path(rec.qmp_path), Path(rec.log_path),
-                                        netns=lab.ns if lab else None)
+                                        netns=lab.ns if lab else None, on_spawn=on_spawn)
         try:
             await agent.wait_ready(BOOT_TIMEOUT, alive=proc.alive)
             return proc

@@ -7,7 +7,9 @@ own:
 * 2 — bad input: nothing was changed;
 * 3 — a migration failed and the source guest is running again, memory intact;
 * 4 — an unsafe state that needs an operator (e.g. the destination died after the switch);
-* 1 — any other failure (QEMU would not start, a QMP command failed, ...).
+* 1 — any other failure (QEMU would not start, a QMP command failed, ...);
+* 130 / 143 — the command was interrupted by SIGINT / SIGTERM (128 + the signal) and undid
+  what it had made (:class:`CommandInterrupted`).
 """
 
 from __future__ import annotations
@@ -107,6 +109,19 @@ class Rollback(VmbeamError):
     """Internal to the migration engine: the move failed before the switch could have
     happened; the engine rolls back to the source and raises a :class:`MigrationError`
     (or :class:`GuestLostError`) instead. Never escapes the package."""
+
+
+class CommandInterrupted(VmbeamError):
+    """A command was interrupted by a signal (``signum``: SIGINT or SIGTERM); what it had
+    made was undone, or recorded for the next command to settle. Exit code 128 + signum."""
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return 128 + self.signum
 
 
 class UnsafeStateError(VmbeamError):

@@ -47,7 +47,7 @@ from .placement import Placement
 from .placement.cloud import CloudOps
 from .placement.local import LocalPlacement
 from .qemu.machine import GuestImage, MachineSpec, RamBackend
-from .qemu.process import QemuProcess
+from .qemu.process import QemuProcess, kill_strays
 from .region import check_huge_pages
 from .runtime import Runtime
 from .store import GuestRecord, GuestState, MigrationPhase, Store
@@ -260,6 +260,7 @@ class Host:
             with self.store.lock_guest(name):
                 await self.local.start(rec, spec, huge=hugepages)
         except BaseException:
+            kill_strays(self.store.guest_dir(name))  # its directory goes: nothing may run there
             self.store.remove_guest(name)
             shutil.rmtree(self.store.state_dir / "guests" / name, ignore_errors=True)
             raise
@@ -297,6 +298,23 @@ class Host:
             await self.stop_guest(rec.name, missing_ok=True)
         for vm in self.store.cloud_vms():
             await self.cloud.stop_cloud_vm(vm.name)
+        self.sweep()
+
+    def sweep(self) -> list[int]:
+        """Kill the QEMUs of this state directory that no record names (their command died
+        before it could record or remove them; found by pidfile); their pids."""
+        known = {("guests", g.name) for g in self.store.guests()}
+        known |= {("cloudvms", v.name) for v in self.store.cloud_vms()}
+        killed = []
+        for kind in ("guests", "cloudvms"):
+            top = self.store.state_dir / kind
+            if top.is_dir():
+                for d in top.iterdir():
+                    if (kind, d.name) not in known:
+                        killed += kill_strays(d)
+        if killed:
+            log.warning("killed QEMU processes no record named: %s", killed)
+        return killed
 
     # -- moves ----------------------------------------------------------------------------
     async def evacuate(self, cloud_vm: str, to: list[str] | None = None, *,

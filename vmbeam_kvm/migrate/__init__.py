@@ -13,6 +13,7 @@ open the journal and run the phase machine along the right route.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
@@ -21,7 +22,7 @@ from ..errors import BadInputError
 from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
 from ..qemu.machine import RamBackend
-from ..store import GuestRecord, GuestState
+from ..store import GuestRecord, GuestState, MigrationPhase, Store
 from .engine import MigrationRun
 from .model import (
     MigrationMode,
@@ -31,7 +32,7 @@ from .model import (
     ProgressCallback,
     ProgressEvent,
 )
-from .recovery import recover_move
+from .recovery import CloudEnds, LocalEnds, recover, recover_move
 from .routes import CloudRoute, LocalRoute
 
 
@@ -89,7 +90,15 @@ async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
         mig_id = store.begin_migration(name, opts.mode.value, rec.pid, rec.pid_start)
         rec.state = GuestState.MIGRATING
         store.update_guest(rec)
-        result = await MigrationRun(store, route, mig_id, requested).execute()
+        try:
+            result = await MigrationRun(store, route, mig_id, requested).execute()
+        except asyncio.CancelledError:
+            # QEMU serves one QMP client per socket: recovery opens its own sessions.
+            await place.rt.procs.disconnect()
+            if _unfinished(store, mig_id):
+                await recover(LocalEnds(place, store.get_guest(name),
+                                        store.get_migration(mig_id)))
+            raise
         result.mode_reason = why
         return result
 
@@ -130,9 +139,24 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
         mig_id = store.begin_migration(name, opts.mode.value, rec.pid, 0)
         rec.state = GuestState.MIGRATING
         store.update_guest(rec)
-        result = await MigrationRun(store, route, mig_id, requested).execute()
+        try:
+            result = await MigrationRun(store, route, mig_id, requested).execute()
+        except asyncio.CancelledError:
+            if _unfinished(store, mig_id):
+                await recover(CloudEnds(ops, store.get_guest(name),
+                                        store.get_migration(mig_id)))
+            raise
         result.mode_reason = why
         return result
+
+
+def _unfinished(store: Store, mig_id: int) -> bool:
+    """Whether move ``mig_id`` was cut short (SIGINT/SIGTERM cancel the command) before
+    it ended. Such a move is settled at once, still under the guest's lock, the way the
+    next command would settle it from the journal (:func:`.recovery.recover`: exactly one
+    running copy, or needs-action); the CLI cancels once, so those awaits run to the end."""
+    return store.get_migration(mig_id).phase not in (MigrationPhase.DONE,
+                                                     MigrationPhase.FAILED)
 
 
 __all__ = ["MigrationMode", "MigrationOptions", "MigrationResult", "NestedResult",

@@ -86,10 +86,13 @@ class _Sampler:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            # Not `suppress(CancelledError): await task`: that would also swallow the
+            # cancellation of the command itself (SIGINT/SIGTERM) and carry on with it.
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # retrieved: a failed sample only loses a figure
 
 
 class LocalRoute(Route):

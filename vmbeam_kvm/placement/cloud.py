@@ -42,7 +42,7 @@ from ..config import (
 )
 from ..errors import AgentError, BadInputError, NetworkError, QMPCommandError, VmbeamError
 from ..heartbeat import Heartbeat
-from ..qemu.process import ProcessRef, QemuProcess
+from ..qemu.process import ProcessRef, QemuProcess, kill_strays
 from ..region import BeamRegion
 from ..runtime import Runtime
 from ..store import GuestRecord, GuestState
@@ -229,6 +229,9 @@ class CloudOps:
         self.store.add_cloud_vm(rec)
         try:
             d.mkdir(parents=True, exist_ok=True)
+            # The name was free until now: a QEMU still running in its directory was
+            # orphaned by an earlier command that died (SIGKILL) while it booted.
+            kill_strays(d)
             if lab is not None:
                 async with self._setup_lock:  # one namespace, one address per cloud VM
                     await lab.create()
@@ -250,13 +253,23 @@ class CloudOps:
             argv = cloudvm_argv(rec, qemu=qemu, accel=rec.accel, images_dir=settings.images_dir,
                                 src_disk=disk, mac=mac_for(name),
                                 tcg=TcgTuning.parse(settings.cloudvm_tcg))
-            proc = await launch_cloudvm(rec, argv, lab, self.agent(rec))
-            self.rt.procs.adopt(proc)
-            rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
+
+            def spawned(proc: QemuProcess) -> None:
+                # Each attempt (a restart replaces the first) is recorded before its agent
+                # is waited on: `cloud-vm stop` stops what really runs.
+                self.rt.procs.adopt(proc)
+                rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
+                self.store.update_cloud_vm(rec)
+
+            await launch_cloudvm(rec, argv, lab, self.agent(rec), on_spawn=spawned)
             rec.state = CloudVMState.RUNNING
             self.store.update_cloud_vm(rec)
             return rec
         except BaseException:
+            kill_strays(d)  # launch_cloudvm killed its QEMU; nothing else may run there
+            agent = self._agents.pop(name, None)
+            if agent is not None:
+                await agent.close()
             if lab is not None and rec.tap:
                 with contextlib.suppress(NetworkError):  # keep the error that got us here
                     await lab.remove_tap(rec.tap)
@@ -274,6 +287,9 @@ class CloudOps:
         if proc.alive():
             await proc.quit(timeout=20)
         self.rt.procs.forget(proc)
+        # What the record does not name runs too, if a start was interrupted before it
+        # recorded its QEMU (``starting``, pid 0): found by its pidfile.
+        kill_strays(self.store.state_dir / "cloudvms" / name)
         agent = self._agents.pop(name, None)
         if agent is not None:
             await agent.close()

@@ -16,7 +16,7 @@ from ..checks import MAX_SOCKET_PATH
 from ..errors import BadInputError, QMPCommandError
 from ..heartbeat import Heartbeat, SerialStatus, read_status, wait_for_heartbeat
 from ..qemu.machine import GuestImage, MachineSpec, RamBackend, build_argv
-from ..qemu.process import ProcessRef, QemuProcess
+from ..qemu.process import ProcessRef, QemuProcess, kill_strays
 from ..region import BeamRegion
 from ..runtime import Runtime
 from ..store import GuestRecord, GuestState
@@ -55,17 +55,27 @@ class LocalPlacement:
         unless ``spec`` says memfd) and record it running; raises LaunchError when QEMU
         does not come up."""
         qmp, serial, qlog = self.instance_paths(rec.name, 0)
+        # The name was free until this command reserved it: a QEMU still running in its
+        # directory was orphaned by an earlier command that died (SIGKILL) mid-start.
+        kill_strays(self.store.guest_dir(rec.name))
+
+        def spawned(proc: QemuProcess) -> None:
+            # Recorded (still ``starting``) before anything is awaited: whatever interrupts
+            # the start from here, `guest stop` finds this very QEMU.
+            self.rt.procs.adopt(proc)
+            rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
+            rec.qmp_path, rec.serial_path, rec.log_path = str(qmp), str(serial), str(qlog)
+            self.store.update_guest(rec)
+
         if spec.backend is RamBackend.REGION:
             with BeamRegion.create(spec.memory, rec.name, huge=huge) as region:
                 argv = build_argv(spec, qmp_path=qmp, serial_path=serial, ram_fd=region.fd)
-                proc = await QemuProcess.launch(argv, qmp, qlog, pass_fds=[region.fd])
                 rec.region_id = region.region_id
+                await QemuProcess.launch(argv, qmp, qlog, pass_fds=[region.fd],
+                                         on_spawn=spawned)
         else:
             argv = build_argv(spec, qmp_path=qmp, serial_path=serial)
-            proc = await QemuProcess.launch(argv, qmp, qlog)
-        self.rt.procs.adopt(proc)
-        rec.pid, rec.pid_start = proc.ref.pid, proc.ref.start_time
-        rec.qmp_path, rec.serial_path, rec.log_path = str(qmp), str(serial), str(qlog)
+            await QemuProcess.launch(argv, qmp, qlog, on_spawn=spawned)
         rec.state = GuestState.RUNNING
         self.store.update_guest(rec)
 
@@ -75,6 +85,9 @@ class LocalPlacement:
                 proc = self.process(rec)
                 await proc.quit()
                 self.rt.procs.forget(proc)
+            # Any other QEMU of this guest (a start or a move that was interrupted before
+            # its pid was recorded) is found by its pidfile, not by the record.
+            kill_strays(self.store.guest_dir(rec.name))
             self.store.remove_guest(rec.name)
             shutil.rmtree(self.store.state_dir / "guests" / rec.name, ignore_errors=True)
 

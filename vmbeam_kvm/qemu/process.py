@@ -4,6 +4,11 @@ A :class:`QemuProcess` is either launched by us or re-attached to by pid (guests
 command that started them). A process is identified by pid *and* start time, so a recycled pid
 is never mistaken for the guest. QMP goes through ``qemu.qmp``; its errors become
 :class:`~vmbeam_kvm.errors.QMPCommandError`.
+
+Every QEMU launched here writes a pidfile (QEMU's own ``-pidfile``, beside its QMP socket), so
+that a QEMU whose pid never reached the store — its command was interrupted, or a restart
+replaced it — is still found by what it is (:func:`find_qemus`): a process whose command line
+names a pidfile in that directory. A recycled pid never matches, its command line differs.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import os
 import signal
 import subprocess
@@ -95,6 +101,74 @@ def host_memory_bytes(pids: list[int]) -> int:
     return total + sum(memfds.values())
 
 
+def pidfile_for(qmp_path: Path) -> Path:
+    """The pidfile of the QEMU whose QMP socket is ``qmp_path`` (``qmp-1.sock`` ->
+    ``qmp-1.pid``)."""
+    return qmp_path.with_suffix(".pid")
+
+
+def _pidfile_arg(pid: int) -> Path | None:
+    """The ``-pidfile`` argument of process ``pid``'s command line, if it has one."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return None
+    for flag, value in itertools.pairwise(argv):
+        if flag == b"-pidfile":
+            return Path(os.fsdecode(value))
+    return None
+
+
+def find_qemus(directory: Path) -> list[tuple[ProcessRef, Path]]:
+    """Every live process started with ``-pidfile`` in ``directory`` or below it, with
+    its pidfile: QEMUs of one guest or cloud VM, whatever the store says of them.
+
+    The command line, not the pidfile's content, is the proof (a pidfile can be stale,
+    or not written yet by a QEMU that was just exec'd)."""
+    root = os.path.realpath(directory)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pidfile = _pidfile_arg(int(entry))
+        if pidfile is None:
+            continue
+        path = os.path.realpath(pidfile)
+        if path != root and not path.startswith(root + os.sep):
+            continue
+        with contextlib.suppress(LaunchError):
+            ref = ProcessRef.of(int(entry))
+            if ref.alive():
+                found.append((ref, pidfile))
+    return found
+
+
+def kill_found(ref: ProcessRef, pidfile: Path) -> None:
+    """SIGKILL a process :func:`find_qemus` returned, if it is still that very process (same
+    start time, same pidfile), and wait until it is gone."""
+    if not ref.alive() or _pidfile_arg(ref.pid) != pidfile:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(ref.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(ref.pid, os.WNOHANG)  # our own child (launched by this command)
+    for _ in range(400):
+        if not ref.alive():
+            return
+        time.sleep(0.005)
+
+
+def kill_strays(directory: Path, keep: ProcessRef | None = None) -> list[int]:
+    """Kill every QEMU with a pidfile under ``directory`` except ``keep``; their pids."""
+    killed = []
+    for ref, pidfile in find_qemus(directory):
+        if ref != keep:
+            kill_found(ref, pidfile)
+            killed.append(ref.pid)
+    return killed
+
+
 class QemuState(Enum):
     """Lifecycle of a QemuProcess handle (enforced by :func:`require`)."""
 
@@ -144,10 +218,14 @@ class QemuProcess:
     @classmethod
     async def launch(cls, argv: Sequence[str], qmp_path: Path, log_path: Path, *,
                      pass_fds: Sequence[int] = (), connect: bool = True,
-                     timeout: float = 20.0, netns: str | None = None) -> QemuProcess:
+                     timeout: float = 20.0, netns: str | None = None,
+                     on_spawn: Callable[[QemuProcess], None] | None = None) -> QemuProcess:
         """Start QEMU detached from our session (it outlives us) and connect to its QMP.
 
-        ``netns`` runs QEMU inside that network namespace (where its taps live).
+        QEMU writes its pid to :func:`pidfile_for` ``qmp_path``. ``on_spawn`` is called with
+        the new process before anything is awaited, so that the caller can record what runs
+        before waiting on it (an interrupted wait then leaves no QEMU the store cannot
+        name). ``netns`` runs QEMU inside that network namespace (where its taps live).
         """
         preexec = None
         if netns is not None:
@@ -157,8 +235,11 @@ class QemuProcess:
                 pr_netns.setns(netns, flags=0)
 
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            qmp_path.unlink()
+        pidfile = pidfile_for(qmp_path)
+        for stale in (qmp_path, pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        argv = [*argv, "-pidfile", str(pidfile)]
         with open(log_path, "ab") as log:
             log.write(f"# {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
             log.flush()
@@ -170,6 +251,12 @@ class QemuProcess:
                 raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc
         proc = cls(ProcessRef(popen.pid, _start_time(popen.pid)), qmp_path, log_path, popen)
         proc.state = QemuState.STARTING
+        if on_spawn is not None:
+            try:
+                on_spawn(proc)
+            except BaseException:
+                proc.kill()
+                raise
         if connect:
             try:
                 await proc.connect(timeout)
