@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from vmbeam_kvm.errors import NetworkError
+from vmbeam_kvm import Settings
+from vmbeam_kvm.errors import LabInUseError, NetworkError
+from vmbeam_kvm.lab import lab_network
 from vmbeam_kvm.net import LabNetwork
 
 NS = f"vbt-{os.getpid()}"
@@ -135,3 +139,78 @@ async def test_errors_name_the_interface(lab: LabNetwork) -> None:
     await lab.create()  # rebuilds the bridge in the existing namespace
     await lab.add_tap("tap-a")
     assert await lab.taps() == ["tap-a"]
+
+
+# -- owners: a lab network belongs to one state directory (DESIGN pitfall 26) -----------------
+async def test_another_owners_namespace_is_left_alone(lab: LabNetwork) -> None:
+    """Two state directories pointed at one namespace: the second is refused before it
+    touches anything, and its cleanup removes nothing of the first's."""
+    a = LabNetwork(NS, lab.subnet, "/tmp/state-a")
+    b = LabNetwork(NS, lab.subnet, "/tmp/state-b")
+    await a.create()
+    await a.add_tap("tap-a")
+    assert await a.owner_of() == "/tmp/state-a" == await b.owner_of()
+    assert "vmbeam-kvm lab of /tmp/state-a" in ip("-n", NS, "-d", "link", "show", "br0")
+    with pytest.raises(LabInUseError, match=rf"lab namespace {NS} belongs to the lab of "
+                                            r"state directory /tmp/state-a") as err:
+        await b.create()
+    assert (err.value.ns, err.value.owner, err.value.exit_code) == (NS, "/tmp/state-a", 2)
+    assert not await b.destroy()  # not b's: it stays, with a's tap
+    assert b.exists() and await a.taps() == ["tap-a"]
+    assert await a.owner_of() == "/tmp/state-a"
+    assert await b.check_built({"x": "tap-a"}) == [
+        f"lab namespace {NS} belongs to state directory /tmp/state-a"]
+    await a.create()  # its owner builds it again as often as it likes
+    assert await a.destroy() and not a.exists()
+
+
+async def test_unowned_namespaces(lab: LabNetwork) -> None:
+    """A bridge that names no owner (a lab of an earlier release) is claimed; an ownerless
+    namespace with nothing in it is anyone's to remove, one with interfaces is not."""
+    ip("netns", "add", NS)
+    assert await lab.owner_of() == ""
+    ip("-n", NS, "link", "add", "br0", "type", "bridge")
+    ip("-n", NS, "link", "add", "other0", "type", "veth", "peer", "name", "other1")
+    mine = LabNetwork(NS, lab.subnet, "/tmp/state-a")
+    assert not await mine.destroy() and mine.exists()  # holds something of someone's
+    ip("-n", NS, "link", "del", "other0")
+    await mine.create()  # claims the bridge
+    assert await mine.owner_of() == "/tmp/state-a"
+    assert await lab.destroy() and not lab.exists()  # an owner-less handle: no checks
+
+
+async def test_check_built_names_what_is_missing(lab: LabNetwork) -> None:
+    net = LabNetwork(NS, lab.subnet, "/tmp/state-a")
+    taps = {"vm1": "tap-vm1", "vm2": "tap-vm2"}
+    assert await net.check_built(taps) == [
+        f"lab namespace {NS} of vm1, vm2 is gone (removed by something other than this "
+        f"state directory's `lab down`)"]
+    await net.create()
+    await net.add_tap("tap-vm1")
+    await net.add_tap("tap-vm2")
+    assert await net.check_built(taps) == []
+    ip("-n", NS, "link", "set", "tap-vm2", "nomaster")
+    ip("-n", NS, "link", "del", "tap-vm1")
+    assert await net.check_built(taps) == [
+        f"tap tap-vm1 of cloud VM vm1 is missing from lab namespace {NS}",
+        f"tap tap-vm2 of cloud VM vm2 is not on bridge br0 of lab namespace {NS}"]
+    ip("-n", NS, "link", "del", "br0")
+    assert await net.check_built(taps) == [f"bridge br0 is missing from lab namespace {NS}"]
+
+
+def test_each_state_dir_has_a_namespace_of_its_own(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VMBEAM_LAB_NS", raising=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    a, b = Settings(state_dir=tmp_path / "a"), Settings(state_dir=tmp_path / "b")
+    assert a.lab_namespace != b.lab_namespace
+    assert re.fullmatch(r"vmbeam-lab-[0-9a-f]{10}", a.lab_namespace)
+    # One state directory however it is spelled: one lab, one owner.
+    alias = Settings(state_dir=tmp_path / "link")
+    assert (alias.lab_namespace, alias.lab_owner) == (a.lab_namespace, str(tmp_path / "a"))
+    assert lab_network(a) == LabNetwork(a.lab_namespace, a.lab_subnet, str(tmp_path / "a"))
+    monkeypatch.setenv("VMBEAM_LAB_NS", "")  # empty means unset
+    assert Settings(state_dir=tmp_path / "a").lab_namespace == a.lab_namespace
+    monkeypatch.setenv("VMBEAM_LAB_NS", "vbt-explicit")  # an override, as tests set it
+    assert Settings(state_dir=tmp_path / "a").lab_namespace == "vbt-explicit"

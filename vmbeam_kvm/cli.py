@@ -427,7 +427,8 @@ async def cloud_vm_start(ctx: click.Context, name: str, tenant: str, memory: str
 def _cvm_json(rec: Any) -> dict[str, Any]:
     return {"name": rec.name, "tenant": rec.tenant, "state": rec.state.value,
             "memory_bytes": rec.memory, "cpus": rec.cpus, "pid": rec.pid, "ip": rec.ip,
-            "accel": rec.accel or None, "regions": sorted(rec.attachments)}
+            "accel": rec.accel or None, "regions": sorted(rec.attachments),
+            "namespace": rec.lab, "tap": rec.tap}
 
 
 @cloud_vm.command("list")
@@ -546,10 +547,10 @@ async def lab_up(ctx: click.Context, as_json: bool) -> None:
     settings.check_lab()
     async with Host(settings) as host:
         _progress(f"lab: booting cloud VMs on {settings.lab_subnet} (namespace "
-                  f"{settings.lab_ns})")
+                  f"{settings.lab_namespace})")
         tenants = await do_lab_up(host)
     out: dict[str, Any] = {"cloud_vms": tenants, "network": settings.lab_subnet,
-                           "namespace": settings.lab_ns}
+                           "namespace": settings.lab_namespace}
     _emit(as_json, out, "\n".join(f"{t}: {', '.join(n)}" for t, n in tenants.items()))
 
 
@@ -561,8 +562,8 @@ async def lab_down(ctx: click.Context, as_json: bool) -> None:
     """Stop every guest and cloud VM, remove the lab network."""
     from .lab import lab_down as do_lab_down
     async with Host(_settings(ctx)) as host:
-        await do_lab_down(host)
-    _emit(as_json, {"status": "down"}, "lab down")
+        removed = await do_lab_down(host)
+    _emit(as_json, {"status": "down", "namespaces_removed": removed}, "lab down")
 
 
 # ---------------------------------------------------------------------------- accelerator

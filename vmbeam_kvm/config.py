@@ -6,6 +6,7 @@ Python API agree without passing options through every layer.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -113,7 +114,8 @@ class Settings:
     accel: Accel = field(default_factory=lambda: _enum_env(Accel, "VMBEAM_ACCEL", Accel.AUTO))
     images_dir: Path = field(default_factory=_default_images_dir)
     # The lab network of cloud VMs: a namespace of our own and a subnet inside it only.
-    lab_ns: str = field(default_factory=lambda: os.environ.get("VMBEAM_LAB_NS", "vmbeam-lab"))
+    # Empty (the default): a namespace of this state directory's own (lab_namespace).
+    lab_ns: str = field(default_factory=lambda: os.environ.get("VMBEAM_LAB_NS", ""))
     lab_subnet: str = field(
         default_factory=lambda: os.environ.get("VMBEAM_LAB_SUBNET", "10.203.0.0/24"))
     # Nested migrations cross a network other cloud VMs share: TLS with a per-migration
@@ -124,9 +126,24 @@ class Settings:
     # How cloud VMs (L1) are built under TCG; see cloudvm.TcgTuning for the measured choice.
     cloudvm_tcg: str = field(default_factory=lambda: os.environ.get("VMBEAM_CLOUDVM_TCG", ""))
 
+    @property
+    def lab_owner(self) -> str:
+        """Who a lab network belongs to: this state directory, as an absolute path (one
+        state directory reached by two spellings is one owner)."""
+        return str(self.state_dir.resolve())
+
+    @property
+    def lab_namespace(self) -> str:
+        """The lab's namespace: ``lab_ns`` when set, else ``vmbeam-lab-<digest of the state
+        directory>``, so two state directories never share one (DESIGN pitfall 26)."""
+        if self.lab_ns:
+            return self.lab_ns
+        digest = hashlib.sha256(self.lab_owner.encode()).hexdigest()
+        return f"vmbeam-lab-{digest[:10]}"
+
     def check_lab(self) -> None:
         """Raise :class:`BadInputError` unless the lab namespace and subnet are usable."""
-        check_lab_network(self.lab_ns, self.lab_subnet)
+        check_lab_network(self.lab_namespace, self.lab_subnet)
 
     def resolve_qemu(self, binary: str | None = None) -> str:
         """Return the absolute path of a QEMU binary, or raise a clear error."""

@@ -39,6 +39,17 @@ class GuestBusyError(BadInputError):
     """The guest is already being migrated (or otherwise locked) by another command."""
 
 
+class CloudVMBusyError(BadInputError):
+    """The cloud VM is being started or stopped, or a move into or out of it runs, in
+    another command. ``cloud_vm`` names it; ``guests`` the guests whose moves hold it (when
+    known)."""
+
+    def __init__(self, message: str, *, cloud_vm: str, guests: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.cloud_vm = cloud_vm
+        self.guests = guests
+
+
 class LaunchError(VmbeamError):
     """A QEMU process could not be started or did not come up."""
 
@@ -74,6 +85,26 @@ class AgentError(VmbeamError):
 
 class NetworkError(VmbeamError):
     """A lab network (namespace, bridge, tap) could not be built or changed."""
+
+
+class LabInUseError(BadInputError):
+    """The lab namespace belongs to another state directory's lab (``owner``, its path, or
+    "" when it is no vmbeam-kvm lab): nothing in it was touched."""
+
+    def __init__(self, message: str, *, ns: str, owner: str) -> None:
+        super().__init__(message)
+        self.ns = ns
+        self.owner = owner
+
+
+class LabDamagedError(BadInputError):
+    """``lab up`` found that what its running cloud VMs rely on is gone (their namespace,
+    bridge or taps, or the cloud VMs themselves); ``problems`` says what, one item each.
+    Nothing was changed."""
+
+    def __init__(self, message: str, *, problems: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 class RegionError(VmbeamError):

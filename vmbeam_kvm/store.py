@@ -24,12 +24,13 @@ from typing import Any, TypeVar
 from .cloudvm import CloudVMRecord, CloudVMState
 from .errors import (
     BadInputError,
+    CloudVMBusyError,
     DuplicateGuestError,
     GuestBusyError,
     UnknownGuestError,
     VmbeamError,
 )
-from .units import shown
+from .units import check_name, shown
 
 
 class GuestState(StrEnum):
@@ -436,6 +437,39 @@ class Store:
                     raise GuestBusyError(f"guest {name!r} is busy: another vmbeam-kvm command "
                                          f"is migrating or changing it") from exc
                 raise
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def lock_cloud_vm(self, name: str, *, shared: bool) -> Iterator[None]:
+        """Hold cloud VM ``name``'s lock: shared by every move into or out of it and every
+        guest start in it (they may overlap), exclusive while it is started or stopped.
+        Never waits: held the other way by another command (or another task of this one)
+        means busy, :class:`CloudVMBusyError` naming the moves that hold it."""
+        check_name(name, "cloud VM name")  # a file name under locks/cloud-vms/
+        # A directory of its own: a guest may have the name of a cloud VM.
+        path = self.state_dir / "locks" / "cloud-vms" / f"{name}.lock"
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                moving = tuple(sorted({m.guest for m in self.unfinished_migrations()
+                                       if name in (m.src_cloud_vm, m.dst_cloud_vm)}))
+                if shared:
+                    why = "another vmbeam-kvm command is starting or stopping it"
+                elif moving:
+                    why = (f"a move of {', '.join(moving)} into or out of it is running; "
+                           f"try again when it has ended")
+                else:
+                    why = ("another vmbeam-kvm command is moving a guest into or out of "
+                           "it, starting one in it, or starting or stopping it")
+                raise CloudVMBusyError(f"cloud VM {name!r} is busy: {why}", cloud_vm=name,
+                                       guests=moving) from exc
             yield
         finally:
             os.close(fd)

@@ -134,20 +134,26 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
             # In a cloud VM the region is a PCI BAR read through /dev/mem, which QEMU can
             # only prefault by reading and writing back each page: racing the source.
             raise BadInputError("--prefault applies to moves on this host")
-        route = CloudRoute(ops, rec, src_vm, dst_vm, opts)
-        await route.open()
-        mig_id = store.begin_migration(name, opts.mode.value, rec.pid, 0)
-        rec.state = GuestState.MIGRATING
-        store.update_guest(rec)
-        try:
-            result = await MigrationRun(store, route, mig_id, requested).execute()
-        except asyncio.CancelledError:
-            if _unfinished(store, mig_id):
-                await recover(CloudEnds(ops, store.get_guest(name),
-                                        store.get_migration(mig_id)))
-            raise
-        result.mode_reason = why
-        return result
+        # Both cloud VMs, shared with other moves, until the move has ended: neither is
+        # stopped (or started anew) beneath it, above all not the one it places the guest
+        # in (`cloud-vm stop` takes this lock exclusively, and is refused as busy).
+        with (store.lock_cloud_vm(src_vm.name, shared=True),
+              store.lock_cloud_vm(dst_vm.name, shared=True)):
+            src_vm, dst_vm = ops.running_vm(src_vm.name), ops.running_vm(dst_vm.name)
+            route = CloudRoute(ops, rec, src_vm, dst_vm, opts)
+            await route.open()
+            mig_id = store.begin_migration(name, opts.mode.value, rec.pid, 0)
+            rec.state = GuestState.MIGRATING
+            store.update_guest(rec)
+            try:
+                result = await MigrationRun(store, route, mig_id, requested).execute()
+            except asyncio.CancelledError:
+                if _unfinished(store, mig_id):
+                    await recover(CloudEnds(ops, store.get_guest(name),
+                                            store.get_migration(mig_id)))
+                raise
+            result.mode_reason = why
+            return result
 
 
 def _unfinished(store: Store, mig_id: int) -> bool:

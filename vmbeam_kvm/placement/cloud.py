@@ -89,7 +89,8 @@ class CloudOps:
     def lab(self, rec: CloudVMRecord) -> LabNetwork:
         """The lab network cloud VM ``rec`` is on."""
         from ..net import LabNetwork
-        return LabNetwork(rec.lab, self.rt.settings.lab_subnet)
+        s = self.rt.settings
+        return LabNetwork(rec.lab, s.lab_subnet, s.lab_owner)
 
     def reap(self) -> None:
         """Record cloud VMs whose QEMU died behind our back as lost, with their guests.
@@ -221,6 +222,13 @@ class CloudOps:
         if not tenant:
             raise BadInputError("a cloud VM needs a tenant")
         check_name(name, "name")
+        # Exclusive while it boots: no move or guest start uses a cloud VM half made, and
+        # no other command starts or stops one of this name meanwhile.
+        with self.store.lock_cloud_vm(name, shared=False):
+            return await self._start_cloud_vm(name, tenant, size, cpus, lab)
+
+    async def _start_cloud_vm(self, name: str, tenant: str, size: int, cpus: int,
+                              lab: LabNetwork | None) -> CloudVMRecord:
         d = self.store.state_dir / "cloudvms" / name
         rec = CloudVMRecord(name=name, tenant=tenant, memory=size, cpus=cpus,
                             state=CloudVMState.STARTING, qmp_path=str(d / "qmp.sock"),
@@ -277,8 +285,16 @@ class CloudOps:
             raise
 
     async def stop_cloud_vm(self, name: str) -> None:
-        """Stop the cloud VM's guests, then the cloud VM; its regions are released."""
-        rec = self.vm(name)
+        """Stop the cloud VM's guests, then the cloud VM; its regions are released.
+
+        Refused (:class:`~vmbeam_kvm.errors.CloudVMBusyError`, nothing changed) while a move
+        into or out of it, a guest start in it, or its own start runs in another command:
+        a guest a running move is placing there is never stopped beneath it."""
+        self.vm(name)  # an unknown cloud VM is refused before any lock file
+        with self.store.lock_cloud_vm(name, shared=False):
+            await self._stop_cloud_vm(name)
+
+    async def _stop_cloud_vm(self, name: str) -> None:
         for guest in self.store.guests():
             if guest.cloud_vm == name:
                 await self.stop_guest(guest.name)
@@ -321,7 +337,15 @@ class CloudOps:
         if image not in ("test", "linux"):
             raise BadInputError(f"unknown image {image!r}: use test or linux")
         check_new_guest(self.store, name, size, in_cloud_vm=True)
-        vm = self.running_vm(cloud_vm)
+        self.running_vm(cloud_vm)
+        # Shared with moves, refused while it is stopped or started: a cloud VM never goes
+        # away beneath a guest starting in it.
+        with self.store.lock_cloud_vm(cloud_vm, shared=True):
+            return await self._start_guest(name, self.running_vm(cloud_vm), size, pct,
+                                           image, net)
+
+    async def _start_guest(self, name: str, vm: CloudVMRecord, size: int, pct: int,
+                           image: str, net: bool | None) -> GuestRecord:
         rec = GuestRecord(name=name, image=image, memory=size, touch=pct, accel="tcg",
                           qemu="qemu-system-x86_64", state=GuestState.STARTING,
                           cloud_vm=vm.name, tenant=vm.tenant)
