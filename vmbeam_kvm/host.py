@@ -30,6 +30,7 @@ from .checks import (
     MIN_CLOUD_VM_MEMORY,
     MIN_MEMORY,
     check_guest_memory,
+    check_movable,
     check_new_cloud_vm,
     check_new_guest,
     check_tail_window,
@@ -39,7 +40,7 @@ from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS, CloudVMRecord, CloudVMState
 from .config import Accel, Settings
 from .errors import BadInputError, GuestBusyError, UnknownGuestError
 from .guest import Guest, GuestStatus
-from .migrate import migrate_between, migrate_local, recover_move
+from .migrate import SettleResult, migrate_between, migrate_local, recover_move, settle_guest
 from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
 from .placement import Placement
 from .placement.cloud import CloudOps
@@ -274,6 +275,17 @@ class Host:
             raise
         await self.placement(rec).stop(rec)
 
+    async def settle_guest(self, name: str) -> SettleResult:
+        """Settle a guest a move left ``needs-action`` or ``unreachable``: look at both ends
+        of its last move, keep the one copy that runs with a good memory verdict (its
+        heartbeat advancing), stop the other, release what it held; the guest is running
+        and movable again. Raises BadInputError (exit 2) for a guest in another state,
+        SettleRefusedError (exit 4, nothing changed, both ends' state in the message) where
+        it cannot tell, GuestLostError where no copy is left."""
+        self.store.get_guest(name)  # an unknown guest gets no lock file either
+        with self.store.lock_guest(name, "settled"):
+            return await settle_guest(self.local, self.cloud, self.store.get_guest(name))
+
     async def stop_all(self) -> None:
         """Stop every guest and cloud VM of this state directory."""
         for rec in self.store.guests():
@@ -311,9 +323,7 @@ class Host:
         # migrate_local checks these again under the guest's lock; here they come first.
         if rec.state is GuestState.MIGRATING:
             raise GuestBusyError(f"guest {name!r} is busy: a migration of it is in flight")
-        if rec.state is not GuestState.RUNNING:
-            raise BadInputError(f"guest {name!r} is {rec.state.value}; only a running guest "
-                                f"can be migrated")
+        check_movable(rec)
         backend = RamBackend(rec.backend)
         if (opts.mode is MigrationMode.CPR_TRANSFER) != (backend is RamBackend.MEMFD):
             raise BadInputError(f"mode {opts.mode.value} does not fit guest {name!r} (RAM "
