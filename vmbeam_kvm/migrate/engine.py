@@ -302,6 +302,8 @@ class MigrationRun:
                 self._enter(MigrationPhase.SHARE)
                 await route.probe_ticks()
                 await self._start_meter()
+                if hooks.at_share is not None:
+                    await hooks.at_share(route.hook_target)
                 await route.share()
                 faults.crash_point(MigrationPhase.SHARE)
                 self._enter(MigrationPhase.PREPARE)

@@ -221,9 +221,11 @@ class LocalEnds(Ends):
         self.src_instance = mig.dst_instance - 1 if mig.dst_instance else rec.instance
         self.src_paths = place.instance_paths(rec.name, self.src_instance)
         src_qmp, _, src_log = self.src_paths
-        self.src = QemuProcess.attach(ProcessRef(mig.src_pid, mig.src_start), src_qmp, src_log)
-        self.dst = (QemuProcess.attach(ProcessRef(mig.dst_pid, mig.dst_start),
-                                       Path(mig.dst_qmp), Path(mig.dst_log))
+        # The host's own handles: QMP serves one client, and this command may hold one.
+        procs = place.rt.procs
+        self.src = procs.attach(ProcessRef(mig.src_pid, mig.src_start), src_qmp, src_log)
+        self.dst = (procs.attach(ProcessRef(mig.dst_pid, mig.dst_start), Path(mig.dst_qmp),
+                                 Path(mig.dst_log))
                     if mig.dst_pid else None)
 
     async def src_qmp(self, cmd: str, args: dict[str, object] | None = None) -> object:
