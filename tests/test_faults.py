@@ -21,7 +21,15 @@ from typing import Any
 
 import pytest
 
-from vmbeam_kvm import Guest, Host, MigrationMode, MigrationOptions, VmbeamError
+from vmbeam_kvm import (
+    Guest,
+    Host,
+    MigrationError,
+    MigrationMode,
+    MigrationOptions,
+    SettleRefusedError,
+    VmbeamError,
+)
 from vmbeam_kvm.agent.protocol import AgentClient
 from vmbeam_kvm.lab import lab_network
 from vmbeam_kvm.migrate.faults import injected
@@ -203,6 +211,44 @@ async def test_flat_fault(cell: Cell, flat_guest: Guest) -> None:
         res = await g.migrate(MigrationOptions(mode=ZC))  # ...and it can move again
         assert res.guest_ok is True and res.ram_transferred_bytes < MiB
         await check_flat(g, "dest", src_pid=-1)
+
+
+async def test_flat_settle(host: Host) -> None:
+    """`guest settle` on this host: a source kept paused after its destination died at
+    confirm (needs-action) is refused while no copy runs (4, nothing changed); once an
+    operator resumes it, settle keeps it and the guest moves again; a running guest has
+    nothing to settle (2)."""
+    async with await host.start_guest("fs", "128M", touch=70) as g:
+        await g.wait_ready(timeout=60)
+        src_pid = g.record.pid
+
+        async def kill(dst: QemuProcess) -> None:
+            os.kill(dst.pid, signal.SIGKILL)
+
+        # Precopy: the destination had memory of its own, so the source's stays its own.
+        with injected(after_switch=kill):
+            task = asyncio.create_task(g.migrate(MigrationOptions(mode=PC)))
+        with pytest.raises(MigrationError) as failed:
+            await task
+        assert failed.value.exit_code == 4
+        await check_flat(g, "held", src_pid)
+        with pytest.raises(SettleRefusedError) as refused:
+            await g.settle()
+        assert refused.value.exit_code == 4
+        assert (refused.value.source, refused.value.destination) == ("not running", "gone")
+        assert f"QEMU pid {src_pid}: not running" in str(refused.value)
+        await check_flat(g, "held", src_pid)  # nothing changed
+        await host.process(g.record).execute("cont")  # the operator: it never ran there
+        res = await g.settle()
+        assert (res.kept, res.source, res.destination, res.previous_state, res.pid) == (
+            "source", "runs, memory good", "gone", "needs-action", src_pid)
+        await check_flat(g, "source", src_pid)
+        again = await g.migrate(MigrationOptions(mode=ZC))
+        assert again.guest_ok is True
+        await check_flat(g, "dest", src_pid=-1)
+        await host.disconnect()
+        proc = run_cli(host.settings.state_dir, "guest", "settle", "fs", "--json")
+        assert proc.returncode == 2 and "nothing to settle" in proc.stderr, proc.stderr
 
 
 # -- nested ---------------------------------------------------------------------------------

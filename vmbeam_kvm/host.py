@@ -42,6 +42,7 @@ from .errors import BadInputError, GuestBusyError, UnknownGuestError
 from .guest import Guest, GuestStatus
 from .migrate import SettleResult, migrate_between, migrate_local, recover_move, settle_guest
 from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
+from .migrate.settle import check_settleable
 from .placement import Placement
 from .placement.cloud import CloudOps
 from .placement.local import LocalPlacement
@@ -282,7 +283,8 @@ class Host:
         and movable again. Raises BadInputError (exit 2) for a guest in another state,
         SettleRefusedError (exit 4, nothing changed, both ends' state in the message) where
         it cannot tell, GuestLostError where no copy is left."""
-        self.store.get_guest(name)  # an unknown guest gets no lock file either
+        # Refused before its lock file (nothing changed), and again under the lock.
+        check_settleable(self.store.get_guest(name))
         with self.store.lock_guest(name, "settled"):
             return await settle_guest(self.local, self.cloud, self.store.get_guest(name))
 

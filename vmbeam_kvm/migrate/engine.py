@@ -13,8 +13,9 @@ rollback, the needs-action policy, progress events and the result.
 Safety rules (DESIGN §4.4, §4.6, §7.15): the destination maps the very region (checked
 before any switch); ``return-path`` makes the source wait for the destination to load; the
 destination is confirmed ``running`` before the source quits; a source that handed over is
-never resumed. Any failure before the switch leaves the source running; a failure after it
-leaves the source paused and the guest ``needs-action``.
+never resumed. Any failure before the switch leaves the source running (or, where the
+source's end stops answering, the guest ``unreachable`` until it answers: nothing was handed
+over); a failure after it leaves the source paused and the guest ``needs-action``.
 """
 
 from __future__ import annotations
@@ -504,7 +505,8 @@ class MigrationRun:
             await asyncio.sleep(self.route.poll * 2)
 
     async def _rollback(self, why: str) -> bool:
-        """The destination goes first, then the source runs again (never both). Returns
+        """The source is looked at, the destination goes, and only then does the source
+        run again (never both). Returns
         False where the source does not answer (its cloud VM is stopped or hung) but was
         never handed over: the destination, seen never to have run, is gone, and the
         guest is recorded ``unreachable`` (journal ``source-pending``) for the next command

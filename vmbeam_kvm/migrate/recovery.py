@@ -30,7 +30,13 @@ from ..region import read_identity_of
 from ..store import GuestRecord, GuestState, MigrationPhase, MigrationRecord, Store
 from ..ticks import CHARDEV_ID as TICKS_CHARDEV
 from ..ticks import null_backend
-from .handover import SWITCH_STARTED, QMPExecute, resume_source, settle_incoming
+from .handover import (
+    SWITCH_STARTED,
+    QMPExecute,
+    end_outgoing,
+    resume_source,
+    settle_incoming,
+)
 from .model import MigrationMode
 from .routes import ram_fd_of
 
@@ -189,6 +195,18 @@ async def recover(ends: Ends) -> Verdict:
                 ends.record(GuestState.LOST, MigrationPhase.FAILED,
                             "recovered after a crash: both copies gone")
                 return decision.verdict
+            if mig.phase is MigrationPhase.SOURCE_PENDING:
+                try:
+                    # Continued, it may only now find its stream's peer gone: until that
+                    # migration has ended it could not move, so it is not settled yet.
+                    t0 = time.monotonic()
+                    info = await end_outgoing(ends.src_qmp)
+                    log.info("recovering %s: the source's outgoing migration is %s (%.1f s)",
+                             rec.name, info.get("status"), time.monotonic() - t0)
+                except MigrationError as exc:
+                    ends.record(GuestState.UNREACHABLE, MigrationPhase.SOURCE_PENDING,
+                                f"source answers; {exc}")
+                    return Verdict.WAIT_SOURCE
             # A source that handed over to a destination now gone is refused (needs action).
             await resume_source(ends.src_qmp, rec.name,
                                 switch_started=decision.switch_started,

@@ -107,6 +107,14 @@ class SettleResult:
         return asdict(self)
 
 
+def check_settleable(rec: GuestRecord) -> None:
+    """Refuse (bad input) a guest whose state needs no settling."""
+    if rec.state not in SETTLED_STATES:
+        raise BadInputError(f"guest {rec.name!r} is {rec.state.value}: nothing to settle "
+                            f"(only a guest that is "
+                            f"{' or '.join(s.value for s in SETTLED_STATES)} is)")
+
+
 async def seen(ends: Ends, end: End, proof_timeout: float = HEARTBEAT_PROOF_TIMEOUT
                ) -> EndSeen:
     """How ``end`` looks: a running copy must show a new heartbeat with a good verdict."""
@@ -128,10 +136,7 @@ async def settle_guest(local: LocalPlacement, cloud: CloudOps, rec: GuestRecord
     state needs no settling, SettleRefusedError (nothing changed) where it cannot tell
     which copy to keep, GuestLostError where no copy is left (recorded ``lost``)."""
     store, name = local.store, rec.name
-    if rec.state not in SETTLED_STATES:
-        raise BadInputError(f"guest {name!r} is {rec.state.value}: nothing to settle (only "
-                            f"a guest that is {' or '.join(s.value for s in SETTLED_STATES)}"
-                            f" is)")
+    check_settleable(rec)
     moves = store.migrations(name)
     if not moves:
         raise SettleRefusedError(f"cannot settle guest {name!r}: no move of it is recorded; "
@@ -178,4 +183,5 @@ def _settled(error: str, what: str) -> str:
     return f"{error}; settled by guest settle: {what}" if error else f"settled: {what}"
 
 
-__all__ = ["Choice", "EndSeen", "SettleResult", "choose", "seen", "settle_guest"]
+__all__ = ["Choice", "EndSeen", "SettleResult", "check_settleable", "choose", "seen",
+           "settle_guest"]
