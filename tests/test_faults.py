@@ -493,6 +493,9 @@ async def _paused_source(lab: dict[str, Any], host: Host, cell: Cell, name: str,
         assert rec.state.value in refused["error"]
         unsettled = cli(lab, "guest", "settle", name, rc=4)
         assert f"source in cloud VM {src_vm}: unknown" in unsettled["error"], unsettled
+        assert (unsettled["source"], unsettled["destination"]) == (
+            "unknown", "gone" if cell.rc == 3 else "runs, memory good"), unsettled
+        assert host.store.get_guest(name).state is rec.state  # nothing changed
     finally:
         os.kill(src_pid, signal.SIGCONT)
         os.environ.pop("VMBEAM_AGENT_CALL_TIMEOUT", None)

@@ -26,7 +26,7 @@ from .bench import PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
 from .checks import check_movable
 from .cloudvm import CLOUD_VM_CPUS
 from .config import Accel, Settings
-from .errors import BadInputError, LaunchError, VmbeamError
+from .errors import BadInputError, LaunchError, SettleRefusedError, VmbeamError
 from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory, check_huge_pages, check_tail_window
 from .migrate.model import MigrationMode, MigrationOptions, ProgressEvent
 from .units import check_name, format_size, parse_percent, parse_size
@@ -87,13 +87,14 @@ def _emit(as_json: bool, data: Any, human: str) -> None:
         click.echo(human)
 
 
-def _fail(message: str, error_type: str, exit_code: int, as_json: bool) -> NoReturn:
+def _fail(message: str, error_type: str, exit_code: int, as_json: bool,
+          extra: dict[str, Any] | None = None) -> NoReturn:
     """Report an error the one way scripts can rely on, and exit with its code."""
     if exit_code == BadInputError.exit_code:
         message = " ".join(message.splitlines())  # bad input: one line on stderr, always
     if as_json:
         click.echo(json.dumps({"error": message, "error_type": error_type,
-                               "exit_code": exit_code}))
+                               "exit_code": exit_code, **(extra or {})}))
     click.echo(f"vmbeam-kvm: error: {message}", err=True)
     sys.exit(exit_code)
 
@@ -106,7 +107,11 @@ def command(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
         try:
             asyncio.run(fn(*args, **kwargs))
         except VmbeamError as exc:
-            _fail(str(exc), type(exc).__name__, exc.exit_code, bool(kwargs.get("as_json")))
+            # A refused settle says how it saw each end (scripts decide on these).
+            extra = ({"source": exc.source, "destination": exc.destination}
+                     if isinstance(exc, SettleRefusedError) else None)
+            _fail(str(exc), type(exc).__name__, exc.exit_code, bool(kwargs.get("as_json")),
+                  extra)
 
     return wrapper
 
