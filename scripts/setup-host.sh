@@ -1,6 +1,6 @@
 #!/bin/bash
 # Installs the host packages vmbeam-kvm needs (idempotent; cached by a stamp that
-# changes with this script). QEMU 10.0 comes from bookworm-backports (DESIGN §4.2).
+# changes with this script). QEMU 10.0 comes from bookworm-backports (docs/design.md §4.2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAMP_DIR=build/stamps

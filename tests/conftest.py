@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -56,8 +58,9 @@ def settings(state_dir: Path) -> Settings:
     return Settings(state_dir=state_dir, accel=Accel.TCG)
 
 
-@pytest.fixture
-async def host(settings: Settings) -> AsyncIterator[Host]:
+@contextlib.asynccontextmanager
+async def open_host(settings: Settings) -> AsyncIterator[Host]:
+    """A Host that stops everything it holds on exit, and proves no QEMU was left."""
     try:
         async with Host(settings) as h:
             try:
@@ -70,6 +73,34 @@ async def host(settings: Settings) -> AsyncIterator[Host]:
         for pid in leftover:
             os.kill(pid, 9)
     assert not leftover, f"QEMU processes left behind: {leftover}"
+
+
+@pytest.fixture
+async def host(settings: Settings) -> AsyncIterator[Host]:
+    async with open_host(settings) as h:
+        yield h
+
+
+@pytest.fixture(scope="session")
+def kvm_runs() -> str:
+    """Skip, with the reason, unless ``/dev/kvm`` runs the test guest at all (even slowly,
+    as ``kvm_pvm`` does): the KVM tests (``pytest -k kvm``) run wherever it does."""
+    from vmbeam_kvm.accel import kvm_flavour, kvm_usable, probe_run
+
+    if not kvm_usable():
+        pytest.skip(f"/dev/kvm is not usable here (flavour {kvm_flavour()})")
+    s = Settings()
+    run = asyncio.run(probe_run("kvm", s.resolve_qemu(), s.images_dir, deadline=60))
+    if not run.completed:
+        pytest.skip(f"/dev/kvm ({kvm_flavour()}) cannot run the test guest: {run.error}")
+    return kvm_flavour()
+
+
+@pytest.fixture
+async def kvm_host(kvm_runs: str, state_dir: Path) -> AsyncIterator[Host]:
+    """A Host whose guests run under ``-accel kvm`` (see :func:`kvm_runs`)."""
+    async with open_host(Settings(state_dir=state_dir, accel=Accel.KVM)) as h:
+        yield h
 
 
 @pytest.fixture

@@ -51,6 +51,10 @@ def test_migrate_json(state_dir: Path, cli_guest: dict) -> None:  # type: ignore
     pre = cli_json(state_dir, "migrate", "c1", "--local", "--mode", "precopy")
     assert isinstance(pre, dict)
     assert pre["shared_frames_ratio"] is None and pre["ram_transferred_bytes"] > 100 << 20
+    assert pre["mode_reason"] == "requested"
+    auto = cli_json(state_dir, "migrate", "c1", "--local")  # --mode auto, resolved honestly
+    assert isinstance(auto, dict) and auto["mode"] == "zero-copy"
+    assert auto["mode_reason"].startswith("auto: ") and auto["guest_ok"] is True
     assert len(qemu_pids(str(state_dir))) == 1
 
 
@@ -140,3 +144,42 @@ def test_bench_flat_json(state_dir: Path, tmp_path: Path) -> None:
     assert pre["ram_transferred_bytes"]["min"] > 50 * zc["ram_transferred_bytes"]["max"]
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
     assert qemu_pids(str(state_dir)) == []
+
+
+def test_list_and_status_of_a_starting_record(state_dir: Path) -> None:
+    """A record still `starting` (pid 0, no serial log yet: another command is starting
+    it) is listed and shown, never a crash (it was IsADirectoryError on Path(""))."""
+    from vmbeam_kvm.store import GuestRecord, GuestState
+    store = Store(state_dir)
+    try:
+        store.add_guest(GuestRecord(name="st0", image="test", memory=64 << 20, touch=10,
+                                    accel="tcg", qemu="qemu-system-x86_64",
+                                    state=GuestState.STARTING))
+    finally:
+        store.close()
+    listing = cli_json(state_dir, "guest", "list")
+    assert isinstance(listing, list) and [g["state"] for g in listing] == ["starting"]
+    st = cli_json(state_dir, "guest", "status", "st0")
+    assert isinstance(st, dict) and st["heartbeat"] is None and st["alive"] is False
+    human = run_cli(state_dir, "guest", "list")
+    assert human.returncode == 0 and "starting" in human.stdout, human.stderr
+
+
+async def test_status_does_not_wait_for_a_busy_guest(state_dir: Path,
+                                                     cli_guest: dict) -> None:  # type: ignore[type-arg]
+    """While another command holds the guest (a move does: its lock and the QEMU's one QMP
+    session), `guest list`/`status` answer from the record, marked busy, at once."""
+    from vmbeam_kvm import Host, Settings
+    from vmbeam_kvm.config import Accel
+    async with Host(Settings(state_dir=state_dir, accel=Accel.TCG)) as host:
+        rec = host.store.get_guest("c1")
+        await host.process(rec).execute("query-status")  # we hold its QMP session now
+        with host.store.lock_guest("c1"):
+            listing = cli_json(state_dir, "guest", "list", timeout=30)
+            st = cli_json(state_dir, "guest", "status", "c1", timeout=30)
+        assert isinstance(listing, list) and listing[0]["busy"] is True
+        assert isinstance(st, dict) and st["busy"] is True and st["state"] == "running"
+        assert st["run_state"] is None and st["heartbeat"] is not None
+        await host.disconnect()
+    st = cli_json(state_dir, "guest", "status", "c1")
+    assert isinstance(st, dict) and st["busy"] is False and st["run_state"] == "running"

@@ -93,7 +93,7 @@ async def test_destination_refuses_stream(guest: Guest) -> None:
     src = guest.record.pid
 
     async def mismatch(dst: QemuProcess) -> None:
-        # Capabilities must match on both sides (DESIGN §4.5): the destination will refuse.
+        # Capabilities must match on both sides (docs/design.md §4.5): the destination will refuse.
         await dst.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": False}]})
 

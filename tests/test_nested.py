@@ -43,6 +43,7 @@ def test_zero_copy_between_cloud_vms(lab: dict[str, Any], nested_guest: str) -> 
     for src, dst in (("l1a", "l1b"), ("l1b", "l1a")):
         res = cli(lab, "migrate", nested_guest, "--to", dst)
         assert res["mode"] == "zero-copy" and res["status"] == "completed"
+        assert "both cloud VMs run on this host" in res["mode_reason"]  # --mode auto
         assert (res["source_cloud_vm"], res["dest_cloud_vm"]) == (src, dst)
         assert res["ram_transferred_bytes"] < MiB and res["guest_ok"] is True
         assert res["network_bytes"] < 2 * MiB  # device state only crossed the L1-L1 link

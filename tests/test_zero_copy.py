@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmbeam_kvm import Guest, Host, MigrationMode, MigrationOptions, ProgressEvent
-from vmbeam_kvm.accel import probe_kvm, resolve_accel
+from vmbeam_kvm.accel import resolve_accel
 from vmbeam_kvm.config import Accel
 from vmbeam_kvm.qemu.machine import RamBackend
 
@@ -111,16 +111,13 @@ async def test_live_update_other_binary(guest: Guest, tmp_path: Path) -> None:
     assert guest.record.qemu == str(alt)
 
 
-async def test_accel_auto_probe(settings: object) -> None:
-    qemu = "/usr/bin/qemu-system-x86_64"
+async def test_accel_explicit_settings(settings: object) -> None:
+    """tcg and kvm are taken as given, never probed (auto: tests/test_kvm.py)."""
     from vmbeam_kvm.config import Settings
     assert isinstance(settings, Settings)
-    kvm_works = await probe_kvm(qemu, settings.images_dir)
-    chosen = await resolve_accel(Accel.AUTO, qemu, settings.images_dir, settings.state_dir)
-    assert chosen == ("kvm" if kvm_works else "tcg")
-    if Path("/sys/module/kvm_pvm").exists():
-        assert chosen == "tcg"  # the software KVM flavour here cannot boot guests quickly
+    qemu = settings.resolve_qemu()
     assert await resolve_accel(Accel.TCG, qemu, settings.images_dir, settings.state_dir) == "tcg"
+    assert not (settings.state_dir / "accel-probe.json").exists()
 
 
 @pytest.mark.parametrize("image", ["test"])

@@ -22,7 +22,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
-from .bench import PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
+from .bench import METHODS, PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
 from .checks import check_movable
 from .cloudvm import CLOUD_VM_CPUS
 from .config import Accel, Settings
@@ -306,9 +306,11 @@ async def guest_settle(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--local", is_flag=True, help="Move to a new QEMU process on this host.")
 @click.option("--to", "to", help="Move into this co-located cloud VM (L1).")
-@click.option("--mode", type=click.Choice(["auto", *(m.value for m in MigrationMode)]),
+@click.option("--mode", type=click.Choice([m.value for m in MigrationMode]),
               default="auto", show_default=True,
-              help="auto: zero-copy when the memory can be shared, else precopy.")
+              help="auto: zero-copy where the memory can be shared (a guest on this host, "
+              "or between cloud VMs of this host; cpr-transfer for a memfd guest), else "
+              "precopy; --json says why (mode_reason).")
 @click.option("--qemu", help="QEMU binary for the destination (live update).")
 @click.option("--timeout", type=float, help="Seconds allowed before the switch (--local).")
 @click.option("--prefault", is_flag=True,
@@ -353,8 +355,7 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
             # A cross-tenant request is refused (and logged) by the migration itself.
             if host.cloud.vm(to).tenant == rec.tenant:
                 _progress(f"migrating {name} ({mode}) to cloud VM {to}")
-            nopts = MigrationOptions(mode=MigrationMode.ZERO_COPY if mode == "auto"
-                                     else MigrationMode(mode), progress=progress,
+            nopts = MigrationOptions(mode=MigrationMode(mode), progress=progress,
                                      tail_window=tail_window)
             nres = await host.cloud.migrate(name, to, options=nopts)
             _emit(as_json, nres.to_json(),
@@ -364,8 +365,6 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
                   f"{nres.ram_transferred_bytes} bytes of RAM sent, source detached: "
                   f"{nres.source_detached}, guest ok: {nres.guest_ok}")
             return
-        if mode == "auto":
-            mode = MigrationMode.ZERO_COPY.value
         opts = MigrationOptions(mode=MigrationMode(mode), qemu=qemu, timeout=timeout,
                                 progress=progress, tail_window=tail_window, prefault=prefault)
         host.check_migration(name, opts)
@@ -415,7 +414,7 @@ async def cloud_vm_start(ctx: click.Context, name: str, tenant: str, memory: str
 def _cvm_json(rec: Any) -> dict[str, Any]:
     return {"name": rec.name, "tenant": rec.tenant, "state": rec.state.value,
             "memory_bytes": rec.memory, "cpus": rec.cpus, "pid": rec.pid, "ip": rec.ip,
-            "regions": sorted(rec.attachments)}
+            "accel": rec.accel or None, "regions": sorted(rec.attachments)}
 
 
 @cloud_vm.command("list")
@@ -442,6 +441,79 @@ async def cloud_vm_stop(ctx: click.Context, name: str, as_json: bool) -> None:
     async with Host(_settings(ctx)) as host:
         await host.cloud.stop_cloud_vm(name)
     _emit(as_json, {"name": name, "status": "stopped"}, f"cloud VM {name} stopped")
+
+
+def _cloud_vm_list(value: str | None) -> list[str] | None:
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    for n in names:
+        check_name(n, "cloud VM name", CLOUD_VM_NAME_MAX)
+    return names or None
+
+
+def _evacuation_lines(ev: Any, verb: str) -> list[str]:
+    lines = [f"{verb} {ev.cloud_vm}: {ev.summary()['completed']} of {len(ev.moves)} guests "
+             f"moved in {ev.wall_ms:.0f} ms ({ev.parallel} at a time)"]
+    for m in ev.moves:
+        pause = "" if m.pause_ms is None else f", pause {m.pause_ms:.1f} ms"
+        lines.append(f"  {m.guest:16} {m.source_cloud_vm} -> {m.dest_cloud_vm}: {m.status}"
+                     f"{pause}{': ' + m.error if m.error else ''}")
+    return lines
+
+
+def _evacuation_command(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """The options evacuate and rejuvenate share (NAME, --to, --parallel, --json)."""
+    decorators: list[Callable[[Any], Any]] = [
+        cloud_vm.command(name), click.argument("name"),
+        click.option("--to", "to", help="Destination cloud VMs, comma-separated (default: "
+                     "every running cloud VM of the same tenant)."),
+        click.option("--parallel", type=click.IntRange(1, 64),
+                     help="Moves at once (default: one per host CPU)."),
+        json_option, click.pass_context]
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        for deco in reversed(decorators):
+            fn = deco(fn)
+        return fn
+    return wrap
+
+
+@_evacuation_command("evacuate")
+@command
+async def cloud_vm_evacuate(ctx: click.Context, name: str, to: str | None,
+                            parallel: int | None, as_json: bool) -> None:
+    """Move every guest out of cloud VM NAME, zero-copy, several at once.
+
+    A guest whose move fails rolls back alone; the exit code is the worst guest's."""
+    check_name(name, "cloud VM name", CLOUD_VM_NAME_MAX)
+    dests = _cloud_vm_list(to)
+    async with Host(_settings(ctx)) as host:
+        ev = await host.evacuate(name, dests, parallel=parallel,
+                                 progress=lambda msg: _progress(f"evacuate: {msg}"))
+    _emit(as_json, ev.to_json(), "\n".join(_evacuation_lines(ev, "evacuated")))
+    if ev.exit_code:
+        sys.exit(ev.exit_code)
+
+
+@_evacuation_command("rejuvenate")
+@command
+async def cloud_vm_rejuvenate(ctx: click.Context, name: str, to: str | None,
+                              parallel: int | None, as_json: bool) -> None:
+    """Evacuate cloud VM NAME, boot it again fresh, and move its guests back."""
+    check_name(name, "cloud VM name", CLOUD_VM_NAME_MAX)
+    dests = _cloud_vm_list(to)
+    async with Host(_settings(ctx)) as host:
+        rj = await host.rejuvenate(name, dests, parallel=parallel,
+                                   progress=lambda msg: _progress(f"rejuvenate: {msg}"))
+    lines = _evacuation_lines(rj.out, "out of")
+    if rj.restarted:
+        lines.append(f"cloud VM {name} restarted in {rj.restart_ms:.0f} ms")
+    else:
+        lines.append(f"cloud VM {name} NOT restarted: a guest could not be moved out")
+    if rj.back is not None:
+        lines += _evacuation_lines(rj.back, "back into")
+    _emit(as_json, rj.to_json(), "\n".join(lines))
+    if rj.exit_code:
+        sys.exit(rj.exit_code)
 
 
 # ---------------------------------------------------------------------------------- lab
@@ -478,6 +550,43 @@ async def lab_down(ctx: click.Context, as_json: bool) -> None:
     async with Host(_settings(ctx)) as host:
         await do_lab_down(host)
     _emit(as_json, {"status": "down"}, "lab down")
+
+
+# ---------------------------------------------------------------------------- accelerator
+@main.command("accel")
+@click.option("--reprobe", is_flag=True, help="Measure again instead of reading the cache.")
+@json_option
+@click.pass_context
+@command
+async def accel_cmd(ctx: click.Context, reprobe: bool, as_json: bool) -> None:
+    """Show the accelerator new guests and cloud VMs get, and the measurements behind it.
+
+    `auto` runs the same guest work under TCG and KVM and takes KVM only where it is clearly
+    faster; the verdict is cached per kernel, QEMU binary and /dev/kvm flavour."""
+    settings = _settings(ctx)
+    async with Host(settings) as host:
+        _progress("accel: measuring TCG and KVM (about 10 s)" if reprobe else
+                  "accel: the cached verdict, or measuring TCG and KVM (about 10 s)")
+        guest_accel, cvm_accel, found = await host.accel(reprobe=reprobe)
+    probed = found.to_json()
+    # guest/cloud_vm: what this setting gives; auto: what the measurement chose.
+    out = {"setting": settings.accel.value, "guest": guest_accel, "cloud_vm": cvm_accel,
+           "auto": {"guest": probed.pop("guest"), "cloud_vm": probed.pop("cloud_vm")},
+           **probed}
+
+    def rates(run: Any) -> str:
+        if run is None:
+            return "not run"
+        if not run["completed"]:
+            return f"failed: {run['error']}"
+        return (f"ready {run['ready_s']:.2f} s, first touch {run['fill_pages_per_s']:,.0f} "
+                f"pages/s, loop {run['work_steps_per_s']:,.0f} steps/s")
+    human = (f"guests: {guest_accel}, cloud VMs: {cvm_accel} (--accel {settings.accel.value}; "
+             f"/dev/kvm: {found.flavour})\n"
+             f"  auto for guests: {found.guest}: {found.reason}\n"
+             f"  auto for cloud VMs: {found.cloud_vm}: {found.cloud_vm_reason}\n"
+             f"  TCG: {rates(out['tcg'])}\n  KVM: {rates(out['kvm'])}")
+    _emit(as_json, out, human)
 
 
 # ------------------------------------------------------------------------------- regions
@@ -544,7 +653,7 @@ def _check_plot_path(path: Path | None) -> None:
 @click.option("--sizes", default="1G,4G,8G", show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True)
 @click.option("--touch", default="70%", show_default=True)
-@click.option("--methods", default=",".join(m.value for m in MigrationMode), show_default=True)
+@click.option("--methods", default=",".join(m.value for m in METHODS), show_default=True)
 @click.option("--prefault", is_flag=True,
               help=f"Add a row of zero-copy moves that prefault the destination ({PREFAULT}).")
 @click.option("--hugepages", is_flag=True, help="Region guests on the host's huge pages.")
@@ -565,6 +674,8 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
     pct = parse_percent(touch)
     try:
         modes = [MigrationMode(m.strip()) for m in methods.split(",") if m.strip()]
+        if any(m not in METHODS for m in modes):
+            raise ValueError("auto is no method to measure")
     except ValueError as exc:
         raise BadInputError(f"unknown method in {methods!r}") from exc
     if not modes:

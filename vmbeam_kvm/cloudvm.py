@@ -5,7 +5,7 @@ carries this package and the guest images, so the agent always runs the current 
 rebuilding the image. Its agent channel is a virtio-serial port backed by a unix socket on L0
 (no control port on any network); its NIC is a tap on the lab bridge. Beam regions are
 hot-plugged as ``ivshmem-plain`` devices into PCIe root ports whose 64-bit windows sit above
-4 GiB, so the L1 maps them write-back (DESIGN §4.10).
+4 GiB, so the L1 maps them write-back (docs/design.md §4.10).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class CloudVMRecord:
     console_path: str = ""
     log_path: str = ""
     created_at: float = 0.0
+    accel: str = ""  # the -accel it boots with ("" in stores from before it was recorded)
     # region id -> {"port": root port, "fdset": fdset id, "dev": device id, "obj": object id}
     attachments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -126,7 +127,7 @@ def build_source_disk(state_dir: Path, images_dir: Path, l2_qemu: str | None = N
 
 
 # One vCPU per cloud VM by default: three 2-vCPU cloud VMs put six TCG vCPU threads on a
-# 2-core host, where L1 kernels lost their timer (DESIGN §7.16); see TcgTuning.
+# 2-core host, where L1 kernels lost their timer (docs/design.md §7.16); see TcgTuning.
 CLOUD_VM_CPUS = 1
 
 

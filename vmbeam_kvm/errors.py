@@ -80,7 +80,7 @@ class RegionError(VmbeamError):
 
 
 class RegionMismatchError(RegionError):
-    """A destination maps other memory than the guest's beam region (DESIGN §4.4)."""
+    """A destination maps other memory than the guest's beam region (docs/design.md §4.4)."""
 
 
 class MigrationError(VmbeamError):

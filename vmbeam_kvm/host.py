@@ -21,10 +21,11 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .accel import resolve_accel
+from .accel import AccelVerdict, resolve_accel, verdict
 from .checks import (
     CLOUD_VM_NAME_MAX,
     MIN_CLOUD_VM_MEMORY,
@@ -39,8 +40,16 @@ from .checks import (
 from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS, CloudVMRecord, CloudVMState
 from .config import Accel, Settings
 from .errors import BadInputError, GuestBusyError, UnknownGuestError
+from .evacuate import Evacuation, Rejuvenation, evacuate, rejuvenate
 from .guest import Guest, GuestStatus
-from .migrate import SettleResult, migrate_between, migrate_local, recover_move, settle_guest
+from .migrate import (
+    SettleResult,
+    choose_mode,
+    migrate_between,
+    migrate_local,
+    recover_move,
+    settle_guest,
+)
 from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
 from .migrate.settle import check_settleable
 from .placement import Placement
@@ -68,9 +77,9 @@ class CloudVMs(CloudOps):
 
     async def migrate(self, name: str, to: str, mode: MigrationMode | None = None, *,
                       options: MigrationOptions | None = None) -> MigrationResult:
-        """Move guest ``name`` into cloud VM ``to`` (``mode`` None = zero-copy: both cloud
-        VMs are on this host and share the tenant)."""
-        opts = options or MigrationOptions(mode=mode or MigrationMode.ZERO_COPY)
+        """Move guest ``name`` into cloud VM ``to`` (``mode`` None = auto: zero-copy, as
+        both cloud VMs are on this host)."""
+        opts = options or MigrationOptions(mode=mode or MigrationMode.AUTO)
         return await migrate_between(self, name, to, opts)
 
 
@@ -146,6 +155,16 @@ class Host:
     def process(self, rec: GuestRecord) -> QemuProcess:
         """The QEMU process on this host that currently runs ``rec``."""
         return self.local.process(rec)
+
+    async def accel(self, *, reprobe: bool = False) -> tuple[str, str, AccelVerdict]:
+        """(guest accel, cloud-VM accel, the measured verdict) that this host's settings
+        mean; ``reprobe`` measures again instead of reading the cache."""
+        s = self.settings
+        qemu = s.resolve_qemu()
+        found = await verdict(qemu, s.images_dir, s.state_dir, reprobe=reprobe)
+        return (await resolve_accel(s.accel, qemu, s.images_dir, s.state_dir),
+                await resolve_accel(s.accel, qemu, s.images_dir, s.state_dir, cloud_vm=True),
+                found)
 
     # -- guests ---------------------------------------------------------------------------
     def validate_new_guest(self, name: str, memory: int, *, in_cloud_vm: bool = False) -> None:
@@ -263,8 +282,13 @@ class Host:
         return self.store.guests()
 
     async def status(self, name: str) -> GuestStatus:
+        """The guest's status, never waiting for another command: a guest another command
+        holds (a move in flight) is reported from its record, marked ``busy``."""
         rec = self.store.get_guest(name)
-        return await self.placement(rec).status(rec)
+        busy = self.store.guest_locked(name)
+        if busy:
+            rec = self.store.get_guest(name)  # what the other command recorded last
+        return await self.placement(rec).status(rec, busy=busy)
 
     async def stop_guest(self, name: str, *, missing_ok: bool = False) -> None:
         """Quit the guest's QEMU (its region goes with it) and forget the guest."""
@@ -296,6 +320,20 @@ class Host:
             await self.cloud.stop_cloud_vm(vm.name)
 
     # -- moves ----------------------------------------------------------------------------
+    async def evacuate(self, cloud_vm: str, to: list[str] | None = None, *,
+                       parallel: int | None = None,
+                       progress: Callable[[str], None] | None = None) -> Evacuation:
+        """Move every guest out of ``cloud_vm``, zero-copy, several at once (into ``to``
+        or any cloud VM of its tenant with free slots); see :mod:`vmbeam_kvm.evacuate`."""
+        return await evacuate(self.cloud, cloud_vm, to, parallel=parallel, progress=progress)
+
+    async def rejuvenate(self, cloud_vm: str, to: list[str] | None = None, *,
+                         parallel: int | None = None,
+                         progress: Callable[[str], None] | None = None) -> Rejuvenation:
+        """Evacuate ``cloud_vm``, boot it again fresh and move its guests back."""
+        return await rejuvenate(self.cloud, cloud_vm, to, parallel=parallel,
+                              progress=progress)
+
     async def migrate(self, name: str, options: MigrationOptions | None = None
                       ) -> MigrationResult:
         """Move a running guest to a new QEMU process on this host."""
@@ -327,6 +365,8 @@ class Host:
             raise GuestBusyError(f"guest {name!r} is busy: a migration of it is in flight")
         check_movable(rec)
         backend = RamBackend(rec.backend)
+        if opts.mode is MigrationMode.AUTO:
+            opts = choose_mode(opts, rec)[0]  # what the move will check under its lock
         if (opts.mode is MigrationMode.CPR_TRANSFER) != (backend is RamBackend.MEMFD):
             raise BadInputError(f"mode {opts.mode.value} does not fit guest {name!r} (RAM "
                                 f"backend {backend.value}); cpr-transfer needs a memfd guest")

@@ -6,7 +6,7 @@ is at least one page longer than the guest RAM: its last page carries the region
 (magic, UUID, RAM size, guest name). Regions meant for cloud VMs are rounded up to a power of
 two, because they are exposed there as a PCI BAR. Before a switch, the identity is read back
 through the destination's own mapping, so a destination that maps other memory is refused
-(DESIGN §4.4) instead of silently running on zeros.
+(docs/design.md §4.4) instead of silently running on zeros.
 """
 
 from __future__ import annotations

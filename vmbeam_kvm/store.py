@@ -125,7 +125,8 @@ CREATE TABLE IF NOT EXISTS guests (
 CREATE TABLE IF NOT EXISTS cloud_vms (
     name TEXT PRIMARY KEY, tenant TEXT, memory INTEGER, cpus INTEGER, state TEXT, lab TEXT,
     ip TEXT, tap TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, agent_path TEXT,
-    console_path TEXT, log_path TEXT, created_at REAL, attachments TEXT);
+    console_path TEXT, log_path TEXT, created_at REAL, attachments TEXT,
+    accel TEXT DEFAULT '');
 CREATE TABLE IF NOT EXISTS regions (
     region_id TEXT PRIMARY KEY, guest TEXT, tenant TEXT, ram_size INTEGER, size INTEGER,
     created_at REAL);
@@ -140,7 +141,7 @@ CREATE TABLE IF NOT EXISTS migrations (
 """
 
 # Columns added after the first release, for stores made before them.
-_ADDED_COLUMNS = {"guests": ("cloud_vm", "tenant", "ip"),
+_ADDED_COLUMNS = {"guests": ("cloud_vm", "tenant", "ip"), "cloud_vms": ("accel",),
                   "migrations": ("src_cloud_vm", "dst_cloud_vm", "src_region", "dst_region")}
 _NAME_MAX_BYTES = 255  # one path component (Linux NAME_MAX)
 

@@ -2,9 +2,9 @@
 
 L0 hot-plugs a beam region into this VM as an ``ivshmem-plain`` PCI device; its BAR2 *is* the
 region. The agent finds regions by the identity page at the BAR's end, starts L2 QEMUs with
-``mem-path=/dev/mem,offset=<BAR2>`` (write-back: the BAR sits above 4 GiB, DESIGN §4.10), and
-passes QMP commands through for L0's migration orchestrator. Everything arrives over the
-virtio-serial port, which only L0 can reach.
+``mem-path=/dev/mem,offset=<BAR2>`` (write-back: the BAR sits above 4 GiB, docs/design.md
+§4.10), and passes QMP commands through for L0's migration orchestrator. Everything arrives
+over the virtio-serial port, which only L0 can reach.
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ open the journal and run the phase machine along the right route.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from ..checks import check_movable, check_tail_window
 from ..errors import BadInputError
 from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
 from ..qemu.machine import RamBackend
-from ..store import GuestState
+from ..store import GuestRecord, GuestState
 from .engine import MigrationRun
 from .model import (
     MigrationMode,
@@ -34,6 +35,27 @@ from .model import (
 from .recovery import recover_move
 from .routes import CloudRoute, LocalRoute
 from .settle import SettleResult, settle_guest
+
+
+def choose_mode(opts: MigrationOptions, rec: GuestRecord) -> tuple[MigrationOptions, str]:
+    """Resolve ``auto`` (the one place that does): options with a concrete mode, and why.
+
+    The memory can be shared wherever both ends are on this L0: a guest on this host moves
+    zero-copy (cpr-transfer for a guest whose RAM is QEMU's own memfd), a guest in a cloud
+    VM moves zero-copy into any cloud VM of this host (each maps the region by hot-plug).
+    """
+    if opts.mode is not MigrationMode.AUTO:
+        return opts, "requested"
+    if rec.cloud_vm:
+        mode, why = MigrationMode.ZERO_COPY, ("auto: both cloud VMs run on this host, so the "
+                                               "destination can map the guest's region")
+    elif RamBackend(rec.backend) is RamBackend.MEMFD:
+        mode, why = MigrationMode.CPR_TRANSFER, ("auto: the guest's RAM is QEMU's own memfd, "
+                                                 "which only cpr-transfer hands over")
+    else:
+        mode, why = MigrationMode.ZERO_COPY, ("auto: a new QEMU on this host maps the "
+                                               "guest's region")
+    return replace(opts, mode=mode), why
 
 
 async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
@@ -53,6 +75,7 @@ async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
             rec.state = GuestState.LOST
             store.update_guest(rec)
             raise BadInputError(f"guest {name!r}: its QEMU (pid {rec.pid}) is gone")
+        opts, why = choose_mode(opts, rec)
         backend = RamBackend(rec.backend)
         if (opts.mode is MigrationMode.CPR_TRANSFER) != (backend is RamBackend.MEMFD):
             raise BadInputError(f"mode {opts.mode.value} does not fit guest {name!r} (RAM "
@@ -66,7 +89,9 @@ async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
         mig_id = store.begin_migration(name, opts.mode.value, rec.pid, rec.pid_start)
         rec.state = GuestState.MIGRATING
         store.update_guest(rec)
-        return await MigrationRun(store, route, mig_id, requested).execute()
+        result = await MigrationRun(store, route, mig_id, requested).execute()
+        result.mode_reason = why
+        return result
 
 
 async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOptions
@@ -91,6 +116,7 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
                             f"(tenant {dst_vm.tenant}, guest of {rec.tenant})")
             raise BadInputError(f"refused: cloud VM {to!r} belongs to tenant "
                                 f"{dst_vm.tenant!r}, guest {name!r} to {rec.tenant!r}")
+        opts, why = choose_mode(opts, rec)
         if opts.mode is MigrationMode.CPR_TRANSFER:
             raise BadInputError("cpr-transfer is a local-only mode")
         check_tail_window(opts.tail_window)
@@ -103,9 +129,11 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
         mig_id = store.begin_migration(name, opts.mode.value, rec.pid, 0)
         rec.state = GuestState.MIGRATING
         store.update_guest(rec)
-        return await MigrationRun(store, route, mig_id, requested).execute()
+        result = await MigrationRun(store, route, mig_id, requested).execute()
+        result.mode_reason = why
+        return result
 
 
 __all__ = ["MigrationMode", "MigrationOptions", "MigrationResult", "NestedResult",
-           "ProgressCallback", "ProgressEvent", "SettleResult", "migrate_between",
-           "migrate_local", "recover_move", "settle_guest"]
+           "ProgressCallback", "ProgressEvent", "SettleResult", "choose_mode",
+           "migrate_between", "migrate_local", "recover_move", "settle_guest"]

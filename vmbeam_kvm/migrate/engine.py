@@ -10,7 +10,7 @@ phase. Everything else lives here once: timing, capabilities and parameters per 
 the switch and the wait for the handover, the confirmation that the destination runs,
 rollback, the needs-action policy, progress events and the result.
 
-Safety rules (DESIGN §4.4, §4.6, §7.15): the destination maps the very region (checked
+Safety rules (docs/design.md §4.4, §4.6, §7.15): the destination maps the very region (checked
 before any switch); ``return-path`` makes the source wait for the destination to load; the
 destination is confirmed ``running`` before the source quits; a source that handed over is
 never resumed. Any failure before the switch leaves the source running (or, where the

@@ -3,7 +3,7 @@ to wait for it, and when a source may run again.
 
 Every function takes the source's (and destination's) QMP as a :data:`QMPExecute` — a
 direct session on this host or a round trip through a cloud VM's agent — so one rule holds
-for every placement (DESIGN §4.6, §7.15).
+for every placement (docs/design.md §4.6, §7.15).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def handed_over(info: dict[str, Any]) -> bool:
 
     A QEMU that itself arrived by migration reports that incoming migration as
     ``completed`` too, but without the source-side times (``total-time``), which QEMU fills
-    in for every outgoing migration it ran (DESIGN §7.15).
+    in for every outgoing migration it ran (docs/design.md §7.15).
     """
     return info.get("status") == "completed" and "total-time" in info
 

@@ -20,6 +20,9 @@ class MigrationMode(StrEnum):
     ZERO_COPY = "zero-copy"
     PRECOPY = "precopy"
     CPR_TRANSFER = "cpr-transfer"
+    # Resolved to one of the above before the move starts (migrate.choose_mode), with the
+    # reason in MigrationResult.mode_reason.
+    AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class MigrationResult:
     command_ms: float = 0.0
     # From the guest's ticks on L0's clock (vmbeam_kvm.ticks); None where the guest sends
     # none (the Linux image, a guest started by an earlier release) or measure_pause is off.
+    # Why this mode: "requested", or what `auto` saw (co-location, the RAM backend).
+    mode_reason: str | None = None
     pause_ms: float | None = None             # the longest gap around the switch
     post_switch_slowdown: float | None = None  # work rate after / before (tail_window)
 

@@ -202,7 +202,7 @@ class LocalRoute(Route):
                                if self.opts.prefault else 20.0)
         if self.mode is not MigrationMode.ZERO_COPY:
             return
-        # Refuse unless the destination maps this very region, shared (DESIGN §4.3, §4.4).
+        # Refuse unless the destination maps this very region, shared (docs/design.md §4.3, §4.4).
         assert self.src_region is not None
         dst_fd = await ram_fd_of(self.dst)
         self.src_region.verify(read_identity_of(self.dst.pid, dst_fd))

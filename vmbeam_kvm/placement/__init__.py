@@ -40,6 +40,9 @@ class GuestStatus:
     cloud_vm: str = ""
     tenant: str = ""
     ip: str = ""
+    # Another command holds the guest (a move in flight): its QEMU was not asked, so
+    # run_state (and, in a cloud VM, the heartbeat) are unknown rather than waited for.
+    busy: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,9 +51,10 @@ class GuestStatus:
 class Placement(Protocol):
     """What every placement answers for a guest recorded in the store."""
 
-    async def status(self, rec: GuestRecord) -> GuestStatus:
+    async def status(self, rec: GuestRecord, *, busy: bool = False) -> GuestStatus:
         """The guest's recorded state and what its QEMU reports (records ``lost`` when it
-        is certainly gone)."""
+        is certainly gone); ``busy``: another command holds the guest, so its QEMU is not
+        asked (that would wait for the other command) and nothing is recorded."""
         ...
 
     async def stop(self, rec: GuestRecord) -> None:

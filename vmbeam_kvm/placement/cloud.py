@@ -250,12 +250,12 @@ class CloudOps:
             settings = self.rt.settings
             qemu = settings.resolve_qemu()
             from ..accel import resolve_accel
-            accel = await resolve_accel(settings.accel, qemu, settings.images_dir,
-                                        settings.state_dir)
+            rec.accel = await resolve_accel(settings.accel, qemu, settings.images_dir,
+                                            settings.state_dir, cloud_vm=True)
             async with self._setup_lock:  # concurrent starts share one source disk
                 disk = await asyncio.to_thread(build_source_disk, settings.state_dir,
                                                settings.images_dir, qemu)
-            argv = cloudvm_argv(rec, qemu=qemu, accel=accel, images_dir=settings.images_dir,
+            argv = cloudvm_argv(rec, qemu=qemu, accel=rec.accel, images_dir=settings.images_dir,
                                 src_disk=disk, mac=mac_for(name),
                                 tcg=TcgTuning.parse(settings.cloudvm_tcg))
             proc = await launch_cloudvm(rec, argv, lab, self.agent(rec))
@@ -396,10 +396,11 @@ class CloudOps:
             raise
 
     # -- the Placement interface ------------------------------------------------------------
-    async def status(self, rec: GuestRecord) -> GuestStatus:
+    async def status(self, rec: GuestRecord, *, busy: bool = False) -> GuestStatus:
         st: L2Status | None = None
-        with contextlib.suppress(VmbeamError):
-            st = await self.l2_status(rec.cloud_vm, rec.name)
+        if not busy:  # the agent channel is the busy command's until it is done
+            with contextlib.suppress(VmbeamError):
+                st = await self.l2_status(rec.cloud_vm, rec.name)
         if st is not None and not st.alive and rec.state is GuestState.RUNNING:
             # Its agent (or the cloud VM's end) says it is gone: record it, don't pretend.
             rec.state = GuestState.LOST
@@ -413,7 +414,7 @@ class CloudOps:
             booted=hb is not None, ready=hb is not None, heartbeat=hb,
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
             instance=rec.instance, serial_log="", cloud_vm=rec.cloud_vm, tenant=rec.tenant,
-            ip=rec.ip)
+            ip=rec.ip, busy=busy)
 
     async def stop(self, rec: GuestRecord) -> None:
         await self.stop_guest(rec.name)

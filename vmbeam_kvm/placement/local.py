@@ -14,7 +14,7 @@ from typing import Any
 
 from ..checks import MAX_SOCKET_PATH
 from ..errors import BadInputError, QMPCommandError
-from ..heartbeat import Heartbeat, read_status, wait_for_heartbeat
+from ..heartbeat import Heartbeat, SerialStatus, read_status, wait_for_heartbeat
 from ..qemu.machine import GuestImage, MachineSpec, RamBackend, build_argv
 from ..qemu.process import ProcessRef, QemuProcess
 from ..region import BeamRegion
@@ -78,32 +78,34 @@ class LocalPlacement:
             self.store.remove_guest(rec.name)
             shutil.rmtree(self.store.state_dir / "guests" / rec.name, ignore_errors=True)
 
-    async def status(self, rec: GuestRecord) -> GuestStatus:
+    async def status(self, rec: GuestRecord, *, busy: bool = False) -> GuestStatus:
         proc = self.process(rec) if rec.pid else None
         alive = proc is not None and proc.alive()
-        if not alive and rec.state is GuestState.RUNNING:
+        if not alive and rec.state is GuestState.RUNNING and not busy:
             # Died behind our back: record it rather than pretend.
             rec.state = GuestState.LOST
             self.store.update_guest(rec)
         run_state = None
-        if alive and proc is not None:
+        if alive and proc is not None and not busy:
             with contextlib.suppress(QMPCommandError):
                 run_state = await proc.run_state()
-        serial = read_status(Path(rec.serial_path))
+        # A record still starting has no serial log yet (Path("") would be the cwd).
+        serial = (read_status(Path(rec.serial_path)) if rec.serial_path
+                  else SerialStatus(False, False, None))
         hb = serial.heartbeat
         return GuestStatus(
             name=rec.name, state=rec.state.value, image=rec.image, memory_bytes=rec.memory,
             touch_percent=rec.touch, accel=rec.accel, pid=rec.pid, alive=alive,
             run_state=run_state, booted=serial.booted, ready=serial.ready, heartbeat=hb,
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
-            instance=rec.instance, serial_log=rec.serial_path)
+            instance=rec.instance, serial_log=rec.serial_path, busy=busy)
 
     async def qmp(self, rec: GuestRecord, cmd: str, args: dict[str, Any] | None = None
                   ) -> Any:
         return await self.process(rec).execute(cmd, args)
 
     async def heartbeat(self, rec: GuestRecord) -> Heartbeat | None:
-        return read_status(Path(rec.serial_path)).heartbeat
+        return read_status(Path(rec.serial_path)).heartbeat if rec.serial_path else None
 
     async def wait_heartbeat(self, rec: GuestRecord, after_seq: int = -1,
                              timeout: float = 120.0) -> Heartbeat | None:

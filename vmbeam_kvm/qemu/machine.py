@@ -88,7 +88,7 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
             ram_path = f"/proc/self/fd/{ram_fd}"
         if ram_path is None:
             raise ValueError("a region-backed guest needs ram_fd or ram_path")
-        # share=on is what makes x-ignore-shared skip the RAM (DESIGN §4.3).
+        # share=on is what makes x-ignore-shared skip the RAM (docs/design.md §4.3).
         ram = (f"memory-backend-file,id={RAM_ID},mem-path={ram_path},size={spec.memory},"
                f"share=on" + (f",offset={ram_offset}" if ram_offset else "")
                + (",prealloc=on" if prealloc else ""))
