@@ -327,8 +327,10 @@ CLI_CASES: list[tuple[str, list[str], dict[str, str]]] = [
      [*GUEST_START, "g", "--memory", "64M", "--cloud-vm", "l1x", "--qemu", "qemu"], {}),
     ("start duplicate", [*GUEST_START, "g1", "--memory", "64M"], {}),
     # status / stop of unknown guests
-    *[(f"{cmd} {n!r}", ["guest", cmd, "--", n], {}) for cmd in ("status", "stop")
+    *[(f"{cmd} {n!r}", ["guest", cmd, "--", n], {}) for cmd in ("status", "stop", "settle")
       for n in ["ghost", "a/b", "../g1", "x" * 300, "", "\udcff"]],
+    ("settle running", ["guest", "settle", "g1"], {}),
+    ("settle running in cloud VM", ["guest", "settle", "g2"], {}),
     ("status leading dash", ["guest", "status", "-x"], {}),
     # migrate
     ("migrate nowhere", ["migrate", "g1"], {}),

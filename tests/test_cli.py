@@ -66,6 +66,7 @@ def test_migrate_json(state_dir: Path, cli_guest: dict) -> None:  # type: ignore
     (["guest", "start", "x", "--memory", "lots"], "invalid size"),
     (["guest", "status", "ghost"], "no guest named"),
     (["guest", "stop", "ghost"], "no guest named"),
+    (["guest", "settle", "ghost"], "no guest named"),
     (["migrate", "ghost", "--local"], "no guest named"),
 ])
 def test_bad_input(state_dir: Path, args: list[str], message: str) -> None:

@@ -21,7 +21,15 @@ from typing import Any
 
 import pytest
 
-from vmbeam_kvm import Guest, Host, MigrationMode, MigrationOptions, VmbeamError
+from vmbeam_kvm import (
+    Guest,
+    Host,
+    MigrationError,
+    MigrationMode,
+    MigrationOptions,
+    SettleRefusedError,
+    VmbeamError,
+)
 from vmbeam_kvm.agent.protocol import AgentClient
 from vmbeam_kvm.lab import lab_network
 from vmbeam_kvm.migrate.faults import injected
@@ -205,6 +213,44 @@ async def test_flat_fault(cell: Cell, flat_guest: Guest) -> None:
         await check_flat(g, "dest", src_pid=-1)
 
 
+async def test_flat_settle(host: Host) -> None:
+    """`guest settle` on this host: a source kept paused after its destination died at
+    confirm (needs-action) is refused while no copy runs (4, nothing changed); once an
+    operator resumes it, settle keeps it and the guest moves again; a running guest has
+    nothing to settle (2)."""
+    async with await host.start_guest("fs", "128M", touch=70) as g:
+        await g.wait_ready(timeout=60)
+        src_pid = g.record.pid
+
+        async def kill(dst: QemuProcess) -> None:
+            os.kill(dst.pid, signal.SIGKILL)
+
+        # Precopy: the destination had memory of its own, so the source's stays its own.
+        with injected(after_switch=kill):
+            task = asyncio.create_task(g.migrate(MigrationOptions(mode=PC)))
+        with pytest.raises(MigrationError) as failed:
+            await task
+        assert failed.value.exit_code == 4
+        await check_flat(g, "held", src_pid)
+        with pytest.raises(SettleRefusedError) as refused:
+            await g.settle()
+        assert refused.value.exit_code == 4
+        assert (refused.value.source, refused.value.destination) == ("not running", "gone")
+        assert f"QEMU pid {src_pid}: not running" in str(refused.value)
+        await check_flat(g, "held", src_pid)  # nothing changed
+        await host.process(g.record).execute("cont")  # the operator: it never ran there
+        res = await g.settle()
+        assert (res.kept, res.source, res.destination, res.previous_state, res.pid) == (
+            "source", "runs, memory good", "gone", "needs-action", src_pid)
+        await check_flat(g, "source", src_pid)
+        again = await g.migrate(MigrationOptions(mode=ZC))
+        assert again.guest_ok is True
+        await check_flat(g, "dest", src_pid=-1)
+        await host.disconnect()
+        proc = run_cli(host.settings.state_dir, "guest", "settle", "fs", "--json")
+        assert proc.returncode == 2 and "nothing to settle" in proc.stderr, proc.stderr
+
+
 # Rollback cells under KVM, where /dev/kvm runs the test guest (small: kvm_pvm pays about
 # 0.4 ms per page first touched); the same promise as the TCG cells.
 KVM_CELLS = [Cell("flat", "dst-killed", "prepare", ZC, "fresh", "source", 3),
@@ -252,6 +298,15 @@ NESTED_FAULTS: list[tuple[str, str, tuple[MigrationMode, ...], str, int,
     ("command-dies", "relocate", (PC,), "dest", 99, (FRESH,)),
     ("dst-cloud-vm-killed", "prepare", (ZC,), "source", 3, (BACK,)),
     ("src-cloud-vm-killed", "prepare", (ZC,), "lost", 1, (FRESH,)),
+    # The source cloud VM paused (SIGSTOP of its QEMU on L0): before the switch the move
+    # fails (3), the guest is `unreachable` meanwhile and runs in the source again once it
+    # is continued; after the switch it needs action (4) until `guest settle` keeps the
+    # destination. share: its QEMU's QMP stops answering; prepare: its agent, found stopped
+    # by L0; mid-stream: an agent call that times out while the stream stalls.
+    ("src-cloud-vm-paused", "share", (ZC,), "source", 3, (FRESH,)),
+    ("src-cloud-vm-paused", "prepare", (ZC,), "source", 3, (ZC_ONCE,)),
+    ("src-cloud-vm-paused", "mid-stream", (PC,), "source", 3, (FRESH,)),
+    ("src-cloud-vm-paused", "confirm", (ZC,), "dest", 4, (FRESH,)),
 ]
 NESTED_CELLS = [Cell("nested", what, when, mode, history, outcome, rc)
                 for what, when, modes, outcome, rc, histories in NESTED_FAULTS
@@ -371,13 +426,17 @@ async def _nested_strike(host: Host, cell: Cell, name: str, src_vm: str, dst_vm:
             await asyncio.sleep(0.5)
         elif cell.what == "src-cancel":
             await src_agent.qmp(name, "migrate_cancel")
+        elif cell.what == "src-cloud-vm-paused":
+            os.kill(host.cloud.vm(src_vm).pid, signal.SIGSTOP)
         else:  # a cloud VM's QEMU on L0
             vm = dst_vm if cell.what == "dst-cloud-vm-killed" else src_vm
             os.kill(host.cloud.vm(vm).pid, signal.SIGKILL)
             await asyncio.sleep(0.2)
 
     hooks: dict[str, Any] = {}
-    if cell.when == "prepare":
+    if cell.when == "share":
+        hooks["at_share"] = act
+    elif cell.when == "prepare":
         hooks["before_switch"] = act
     elif cell.when == "confirm":
         hooks["after_switch"] = act
@@ -405,6 +464,8 @@ async def test_nested_fault(cell: Cell, lab: dict[str, Any], lab_host: Host,
                        cell.mode.value, "--json",
                        env={**lab["env"], "VMBEAM_TEST_CRASH_AFTER": cell.when})
         assert proc.returncode == cell.rc, proc.stderr
+    elif cell.what == "src-cloud-vm-paused":
+        await _paused_source(lab, lab_host, cell, name, src_vm, dst_vm)
     else:
         assert await _nested_strike(lab_host, cell, name, src_vm, dst_vm) == cell.rc
     await check_nested(lab_host, name, cell.outcome, src_vm, dst_vm)
@@ -415,3 +476,93 @@ async def test_nested_fault(cell: Cell, lab: dict[str, Any], lab_host: Host,
         res = cli(lab, "migrate", name, "--to", _other(where))
         assert res["guest_ok"] is True and res["source_detached"] is True
         await check_nested(lab_host, name, "dest", where, _other(where))
+
+
+# -- a paused source cloud VM ---------------------------------------------------------------
+# Each agent call (and each QMP command to a cloud VM's QEMU) that meets the paused source
+# waits this long rather than 60 s; the calls that must succeed take a few seconds at most.
+PAUSED_CALL_TIMEOUT = "15"
+
+
+async def _paused_source(lab: dict[str, Any], host: Host, cell: Cell, name: str, src_vm: str,
+                         dst_vm: str) -> None:
+    """The move with its source cloud VM paused; while paused: one copy at most runs, the
+    guest cannot be moved (2) nor settled (4: the source cannot be asked); continued: a
+    guest that needs action is settled by `guest settle` (the copy that runs is kept)."""
+    os.environ["VMBEAM_AGENT_CALL_TIMEOUT"] = PAUSED_CALL_TIMEOUT
+    src_pid = host.cloud.vm(src_vm).pid
+    try:
+        assert await _nested_strike(host, cell, name, src_vm, dst_vm) == cell.rc
+        await host.disconnect()
+        await host.recover()  # what the next command does first: quick, the source is paused
+        rec = host.store.get_guest(name)
+        dst_agent = host.cloud.agent(host.cloud.vm(dst_vm))
+        dst_has = name in (await dst_agent.wait_ready(60))["guests"]
+        if cell.rc == 3:
+            assert rec.state is GuestState.UNREACHABLE and rec.cloud_vm == src_vm, rec
+            # The destination never ran and is gone, with its hold on the region.
+            assert not dst_has
+            assert not {o for o in await _objects(host, dst_vm)
+                        if o == f"region-{rec.region_id[:8]}"}
+            assert [m.phase.value for m in host.store.unfinished_migrations(name)] == [
+                "source-pending"]
+        else:
+            assert rec.state is GuestState.NEEDS_ACTION
+            st = await dst_agent.call("status", name=name)
+            assert st["alive"] and st["run_state"] == "running"  # the only copy that may run
+        await host.disconnect()
+        refused = cli(lab, "migrate", name, "--to", dst_vm, rc=2)
+        assert rec.state.value in refused["error"]
+        unsettled = cli(lab, "guest", "settle", name, rc=4)
+        assert f"source in cloud VM {src_vm}: unknown" in unsettled["error"], unsettled
+        assert (unsettled["source"], unsettled["destination"]) == (
+            "unknown", "gone" if cell.rc == 3 else "runs, memory good"), unsettled
+        assert host.store.get_guest(name).state is rec.state  # nothing changed
+    finally:
+        os.kill(src_pid, signal.SIGCONT)
+        os.environ.pop("VMBEAM_AGENT_CALL_TIMEOUT", None)
+    await host.cloud.agent(host.cloud.vm(src_vm)).wait_ready(120)
+    if cell.rc == 4:
+        src_st = await host.cloud.agent(host.cloud.vm(src_vm)).call("status", name=name)
+        assert src_st["run_state"] != "running", src_st  # handed over: never two running
+        await host.disconnect()
+        settled = cli(lab, "guest", "settle", name)
+        assert settled["kept"] == "destination" and settled["cloud_vm"] == dst_vm, settled
+        assert settled["source"] == "not running" and settled["previous_state"] == (
+            "needs-action")
+
+
+async def test_paused_source_cloud_vm_before_migrate(lab: dict[str, Any],
+                                                     lab_host: Host) -> None:
+    """Finding 7 of issue 15: a move from a paused cloud VM was refused only after 70 s,
+    exit 4, and left the guest needs-action for good. Now it is refused at once as bad
+    input (L0 sees the cloud VM's QEMU stopped): nothing changed, the guest stays running
+    and, continued, moves; `guest settle` has nothing to settle (2)."""
+    host, name = lab_host, "pg"
+    await host.cloud.start_guest(name, "l1a", "64M", touch=60)
+    try:
+        assert await host.cloud.wait_heartbeat(host.store.get_guest(name),
+                                               timeout=120) is not None
+        await host.disconnect()
+        pid = host.cloud.vm("l1a").pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = asyncio.get_running_loop().time()
+            refused = cli(lab, "migrate", name, "--to", "l1b", rc=2)
+            assert asyncio.get_running_loop().time() - t0 < 30
+            assert "l1a" in refused["error"] and "stopped" in refused["error"]
+            st = cli(lab, "guest", "status", name)
+            assert st["state"] == "running", st
+            assert host.store.migrations(name) == []
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await host.cloud.agent(host.cloud.vm("l1a")).wait_ready(120)
+        await host.disconnect()
+        assert "nothing to settle" in cli(lab, "guest", "settle", name, rc=2)["error"]
+        res = cli(lab, "migrate", name, "--to", "l1b")
+        assert res["guest_ok"] is True and res["source_detached"] is True
+        await check_nested(host, name, "dest", "l1a", "l1b")
+    finally:
+        await host.disconnect()
+        await host.stop_guest(name, missing_ok=True)
+        await host.disconnect()

@@ -129,29 +129,68 @@ async def test_resume_source_rule(status: str, outgoing: bool, started: bool,
 
 
 # The recovery decision table: every combination of what the two ends report and the
-# journaled phase, against the table in vmbeam_kvm.migrate.recovery.decide's docstring.
+# journaled phase, against rows copied from vmbeam_kvm.migrate.recovery.decide's docstring
+# (first match wins): (phases, source, destinations, verdict, switch_started, never_ran).
 _BEFORE = ("share", "prepare")
 _AFTER = ("switch", "confirm", "relocate")
+_PENDING = ("source-pending",)
+_ALL = _BEFORE + _AFTER + _PENDING
+_NOT_RUNNING = ("incoming", "gone", "unknown")
+_DECISION_ROWS: list[tuple[tuple[str, ...], tuple[bool | None, ...], tuple[str, ...], str,
+                           bool, bool]] = [
+    (_ALL, (True, False, None), ("running",), "destination kept", False, False),
+    (_BEFORE + _PENDING, (None,), _NOT_RUNNING, "source pending", False, False),
+    (_ALL, (True, False, None), ("unknown",), "needs action", False, False),
+    (_AFTER, (None,), _NOT_RUNNING, "needs action", False, False),
+    (_ALL, (False,), _NOT_RUNNING, "both copies gone", False, False),
+    (_BEFORE, (True,), ("incoming",), "source resumed", False, True),
+    (_AFTER, (True,), ("incoming",), "source resumed", True, True),
+    (_BEFORE, (True,), ("gone",), "source resumed", False, False),
+    (_PENDING, (True,), ("incoming", "gone"), "source resumed", True, True),
+    (_AFTER, (True,), ("gone",), "source resumed", True, False),
+]
 
 
-@pytest.mark.parametrize("phase", _BEFORE + _AFTER)
+@pytest.mark.parametrize("phase", _ALL)
 @pytest.mark.parametrize("src_alive", [True, False, None], ids=["src-up", "src-gone", "src-?"])
 @pytest.mark.parametrize("dest", ["running", "incoming", "gone", "unknown"])
 def test_recovery_decision_table(phase: str, src_alive: bool | None, dest: str) -> None:
     from vmbeam_kvm.migrate.recovery import DestSeen, Verdict, decide
     d = decide(MigrationPhase(phase), src_alive, DestSeen(dest))
-    if dest == "running":
-        assert d.verdict is Verdict.KEEP_DEST  # the switch happened: never resume the source
-    elif dest == "unknown" or src_alive is None:
-        assert d.verdict is Verdict.NEEDS_ACTION
-    elif not src_alive:
-        assert d.verdict is Verdict.LOST
-    else:
-        assert d.verdict is Verdict.RESUME_SOURCE
+    row = next(r for r in _DECISION_ROWS
+               if phase in r[0] and src_alive in r[1] and dest in r[2])
+    assert d.verdict is Verdict(row[3])
+    if d.verdict is Verdict.RESUME_SOURCE:
         # Only a run that reached the switch can have handed over; a destination seen
-        # waiting for its stream never ran, whatever the source reports.
-        assert d.switch_started == (phase in _AFTER)
-        assert d.dest_never_ran == (dest == "incoming")
+        # waiting for its stream (or dropped as such before source-pending) never ran.
+        assert (d.switch_started, d.dest_never_ran) == (row[4], row[5])
+
+
+# The settle table (vmbeam_kvm.migrate.settle.choose), rows from its docstring.
+_RUNS, _UNPROVEN, _HALTED, _GONE, _UNKNOWN = (
+    "runs, memory good", "runs, memory not proven", "not running", "gone", "unknown")
+_SETTLE_ROWS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
+    ((_UNKNOWN,), (_RUNS, _UNPROVEN, _HALTED, _GONE, _UNKNOWN), "refuse"),
+    ((_RUNS, _UNPROVEN, _HALTED, _GONE), (_UNKNOWN,), "refuse"),
+    ((_RUNS, _UNPROVEN), (_RUNS, _UNPROVEN), "refuse"),
+    ((_RUNS,), (_HALTED, _GONE), "source"),
+    ((_HALTED, _GONE), (_RUNS,), "destination"),
+    ((_UNPROVEN,), (_HALTED, _GONE), "refuse"),
+    ((_HALTED, _GONE), (_UNPROVEN,), "refuse"),
+    ((_GONE,), (_GONE,), "lost"),
+    ((_HALTED, _GONE), (_HALTED, _GONE), "refuse"),
+]
+_ENDS = (_RUNS, _UNPROVEN, _HALTED, _GONE, _UNKNOWN)
+
+
+@pytest.mark.parametrize("src", _ENDS)
+@pytest.mark.parametrize("dst", _ENDS)
+def test_settle_table(src: str, dst: str) -> None:
+    from vmbeam_kvm.migrate.settle import Choice, EndSeen, choose
+    row = next(r for r in _SETTLE_ROWS if src in r[0] and dst in r[1])
+    got = choose(EndSeen(src), EndSeen(dst))
+    assert got.choice is Choice(row[2])
+    assert (got.why != "") == (got.choice is Choice.REFUSE)  # a refusal says why
 
 
 def test_agent_imports_without_l0_dependencies() -> None:

@@ -14,6 +14,7 @@ from .errors import (
                      QMPCommandError,
                      RegionError,
                      RegionMismatchError,
+                     SettleRefusedError,
                      UnknownGuestError,
                      UnsafeStateError,
                      VmbeamError,
@@ -27,12 +28,13 @@ from .migrate.model import (
     NestedResult,
     ProgressEvent,
 )
+from .migrate.settle import SettleResult
 from .region import BeamRegion
 
 __all__ = [
     "Accel", "BadInputError", "BeamRegion", "DuplicateGuestError", "Guest", "GuestBusyError",
     "GuestLostError", "GuestStatus", "Host", "LaunchError", "MigrationError", "MigrationMode",
     "MigrationOptions", "MigrationResult", "NestedResult", "ProgressEvent", "QMPCommandError",
-    "RegionError", "RegionMismatchError", "Settings", "UnknownGuestError", "UnsafeStateError",
-    "VmbeamError",
+    "RegionError", "RegionMismatchError", "Settings", "SettleRefusedError", "SettleResult",
+    "UnknownGuestError", "UnsafeStateError", "VmbeamError",
 ]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .cloudvm import ROOT_PORT_WINDOW
 from .config import check_lab_network
 from .errors import BadInputError, DuplicateGuestError, UnknownGuestError
-from .store import Store
+from .store import GuestRecord, GuestState, Store
 from .units import PAGE_SIZE, check_name, format_size, parse_size, shown
 
 if TYPE_CHECKING:
@@ -123,3 +123,18 @@ def check_tail_window(window: object) -> None:
             or not math.isfinite(window) or not 0 <= window <= MAX_TAIL_WINDOW):
         raise BadInputError(f"invalid tail window {window!r}: use 0 to {MAX_TAIL_WINDOW:g} "
                             f"seconds")
+
+
+def check_movable(rec: GuestRecord) -> None:
+    """Refuse to move a guest that is not running, saying what will make it movable."""
+    if rec.state is GuestState.RUNNING:
+        return
+    hint = {
+        GuestState.UNREACHABLE: f": its cloud VM {rec.cloud_vm} stopped answering during a "
+                                f"move that never handed it over; it is running again as "
+                                f"soon as {rec.cloud_vm} answers (any command sees to it), "
+                                f"or see `vmbeam-kvm guest settle {rec.name}`",
+        GuestState.NEEDS_ACTION: f": `vmbeam-kvm guest settle {rec.name}` keeps the copy "
+                                 f"that runs with a good memory verdict",
+    }.get(rec.state, "; only a running guest can be migrated")
+    raise BadInputError(f"guest {rec.name!r} is {rec.state.value}{hint}")

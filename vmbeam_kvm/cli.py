@@ -25,12 +25,18 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import click
 
 from .bench import METHODS, PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
+from .checks import check_movable
 from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS
 from .config import Accel, Settings
-from .errors import BadInputError, CommandInterrupted, LaunchError, VmbeamError
+from .errors import (
+    BadInputError,
+    CommandInterrupted,
+    LaunchError,
+    SettleRefusedError,
+    VmbeamError,
+)
 from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory, check_huge_pages, check_tail_window
 from .migrate.model import MigrationMode, MigrationOptions, ProgressEvent
-from .store import GuestState
 from .units import check_name, format_size, parse_percent, parse_size
 
 P = ParamSpec("P")
@@ -89,13 +95,14 @@ def _emit(as_json: bool, data: Any, human: str) -> None:
         click.echo(human)
 
 
-def _fail(message: str, error_type: str, exit_code: int, as_json: bool) -> NoReturn:
+def _fail(message: str, error_type: str, exit_code: int, as_json: bool,
+          extra: dict[str, Any] | None = None) -> NoReturn:
     """Report an error the one way scripts can rely on, and exit with its code."""
     if exit_code == BadInputError.exit_code:
         message = " ".join(message.splitlines())  # bad input: one line on stderr, always
     if as_json:
         click.echo(json.dumps({"error": message, "error_type": error_type,
-                               "exit_code": exit_code}))
+                               "exit_code": exit_code, **(extra or {})}))
     click.echo(f"vmbeam-kvm: error: {message}", err=True)
     sys.exit(exit_code)
 
@@ -139,7 +146,11 @@ def command(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
         try:
             asyncio.run(_interruptible(fn(*args, **kwargs)))
         except VmbeamError as exc:
-            _fail(str(exc), type(exc).__name__, exc.exit_code, bool(kwargs.get("as_json")))
+            # A refused settle says how it saw each end (scripts decide on these).
+            extra = ({"source": exc.source, "destination": exc.destination}
+                     if isinstance(exc, SettleRefusedError) else None)
+            _fail(str(exc), type(exc).__name__, exc.exit_code, bool(kwargs.get("as_json")),
+                  extra)
 
     return wrapper
 
@@ -313,6 +324,25 @@ async def guest_stop(ctx: click.Context, name: str, as_json: bool) -> None:
     _emit(as_json, {"guest": name, "status": "stopped"}, f"guest {name} stopped")
 
 
+@guest.command("settle")
+@click.argument("name")
+@json_option
+@click.pass_context
+@command
+async def guest_settle(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Settle a needs-action or unreachable guest: keep the one copy that runs with a good
+    memory verdict, stop the other, release what it held; it is movable again.
+
+    Exit 4 (nothing changed, both ends' state in the message) where it cannot tell which
+    copy to keep; exit 2 for a guest in a state that needs no settling."""
+    async with Host(_settings(ctx)) as host:
+        res = await host.settle_guest(name)
+    where = f"in cloud VM {res.cloud_vm}" if res.cloud_vm else f"QEMU pid {res.pid}"
+    _emit(as_json, res.to_json(),
+          f"guest {name} settled: {res.kept} kept, running {where} (was {res.previous_state}"
+          f"; source {res.source}, destination {res.destination})")
+
+
 # ------------------------------------------------------------------------------- migrate
 @main.command()
 @click.argument("name")
@@ -360,8 +390,7 @@ async def migrate(ctx: click.Context, name: str, local: bool, to: str | None, mo
             if not rec.cloud_vm:
                 raise BadInputError(f"guest {name!r} runs on this host, not in a cloud VM: "
                                     f"use --local")
-            if rec.state is not GuestState.RUNNING:
-                raise BadInputError(f"guest {name!r} is {rec.state.value}")
+            check_movable(rec)
             host.cloud.running_vm(rec.cloud_vm)
             if host.cloud.running_vm(to).name == rec.cloud_vm:
                 raise BadInputError(f"guest {name!r} already runs in {to!r}")

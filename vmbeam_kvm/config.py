@@ -179,6 +179,27 @@ SOURCE_QUIT_TIMEOUT = 3.0
 EJECT_GRACE = 3.0
 AGENT_LOCK_WAIT = 180.0
 AGENT_CALL_TIMEOUT = 60.0
+
+
+def agent_call_timeout() -> float:
+    """How long one call to a cloud VM's agent (or to a cloud VM's QEMU on L0) may take
+    before that end counts as not answering: ``VMBEAM_AGENT_CALL_TIMEOUT`` seconds if set
+    (tests of a paused cloud VM shorten it), else :data:`AGENT_CALL_TIMEOUT`."""
+    value = os.environ.get("VMBEAM_AGENT_CALL_TIMEOUT") or ""
+    try:
+        seconds = float(value) if value else AGENT_CALL_TIMEOUT
+    except ValueError:
+        raise BadInputError(f"VMBEAM_AGENT_CALL_TIMEOUT={value!r}: use a number of "
+                            f"seconds") from None
+    if not 0 < seconds < 1e6:
+        raise BadInputError(f"VMBEAM_AGENT_CALL_TIMEOUT={value!r}: use a positive number "
+                            f"of seconds")
+    return seconds
+
+
+# A source whose cloud VM stopped answering during a move is looked at this long by each
+# later command (Host open) before the guest stays `unreachable` for now.
+UNREACHABLE_PROBE_TIMEOUT = 3.0
 # Lab addresses (host indexes in the lab subnet): cloud VMs count up from .2, guests in
 # cloud VMs from .100, both up to .250.
 LAB_CLOUD_VM_HOSTS = range(1, 250)

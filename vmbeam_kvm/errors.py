@@ -5,7 +5,8 @@ the CLI exit code that scripts rely on, so the command line maps failures withou
 own:
 
 * 2 — bad input: nothing was changed;
-* 3 — a migration failed and the source guest is running again, memory intact;
+* 3 — a migration failed and the source guest is running again, memory intact (or, where its
+  cloud VM stopped answering before the switch, runs again as soon as it answers);
 * 4 — an unsafe state that needs an operator (e.g. the destination died after the switch);
 * 1 — any other failure (QEMU would not start, a QMP command failed, ...);
 * 130 / 143 — the command was interrupted by SIGINT / SIGTERM (128 + the signal) and undid
@@ -119,16 +120,22 @@ class MigrationError(VmbeamError):
     """A migration failed.
 
     ``source_resumed`` tells whether the source guest is known to be running again with its
-    memory intact (exit code 3); otherwise the state is unsafe and needs action (exit code 4).
+    memory intact (exit code 3). ``source_pending``: the source was never handed over and
+    the destination is gone, but the source's cloud VM has not answered since (exit code 3
+    too: nothing can run twice); the guest is recorded ``unreachable`` and becomes
+    ``running`` again as soon as that cloud VM answers. Otherwise the state is unsafe and
+    needs action (exit code 4).
     """
 
-    def __init__(self, message: str, *, source_resumed: bool) -> None:
+    def __init__(self, message: str, *, source_resumed: bool,
+                 source_pending: bool = False) -> None:
         super().__init__(message)
         self.source_resumed = source_resumed
+        self.source_pending = source_pending
 
     @property
     def exit_code(self) -> int:  # type: ignore[override]
-        return 3 if self.source_resumed else 4
+        return 3 if self.source_resumed or self.source_pending else 4
 
 
 class GuestLostError(VmbeamError):
@@ -159,3 +166,15 @@ class UnsafeStateError(VmbeamError):
     """The guest's state could not be made safe automatically; an operator must act."""
 
     exit_code = 4
+
+
+class SettleRefusedError(UnsafeStateError):
+    """``guest settle`` cannot tell which copy of the guest to keep; nothing was changed.
+
+    ``source`` and ``destination`` say how each end of the guest's last move was seen
+    (values of :class:`vmbeam_kvm.migrate.recovery.EndSeen`)."""
+
+    def __init__(self, message: str, *, source: str, destination: str) -> None:
+        super().__init__(message)
+        self.source = source
+        self.destination = destination

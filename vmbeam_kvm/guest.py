@@ -17,6 +17,7 @@ from .config import Settings
 from .errors import BadInputError, LaunchError, QMPCommandError
 from .heartbeat import Heartbeat, read_status
 from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
+from .migrate.settle import SettleResult
 from .placement import GuestStatus, Placement
 from .store import GuestRecord, GuestState, Store
 
@@ -40,6 +41,8 @@ class GuestOwner(Protocol):
                    ) -> MigrationResult: ...
 
     async def stop_guest(self, name: str, *, missing_ok: bool = False) -> None: ...
+
+    async def settle_guest(self, name: str) -> SettleResult: ...
 
 
 class Guest:
@@ -101,6 +104,11 @@ class Guest:
                       ) -> MigrationResult:
         """Move a guest in a cloud VM to cloud VM ``cloud_vm`` (``mode`` None = auto)."""
         return await self.host.move(self.name, cloud_vm, mode)
+
+    async def settle(self) -> SettleResult:
+        """Keep the one copy of a ``needs-action`` or ``unreachable`` guest that runs with a
+        good memory verdict, stop the other (:meth:`Host.settle_guest`)."""
+        return await self.host.settle_guest(self.name)
 
     async def stop(self) -> None:
         await self.host.stop_guest(self.name)

@@ -31,6 +31,7 @@ from .checks import (
     MIN_CLOUD_VM_MEMORY,
     MIN_MEMORY,
     check_guest_memory,
+    check_movable,
     check_new_cloud_vm,
     check_new_guest,
     check_tail_window,
@@ -41,8 +42,16 @@ from .config import Accel, Settings
 from .errors import BadInputError, GuestBusyError, UnknownGuestError
 from .evacuate import Evacuation, Rejuvenation, evacuate, rejuvenate
 from .guest import Guest, GuestStatus
-from .migrate import choose_mode, migrate_between, migrate_local, recover_move
+from .migrate import (
+    SettleResult,
+    choose_mode,
+    migrate_between,
+    migrate_local,
+    recover_move,
+    settle_guest,
+)
 from .migrate.model import MigrationMode, MigrationOptions, MigrationResult
+from .migrate.settle import check_settleable
 from .placement import Placement
 from .placement.cloud import CloudOps
 from .placement.local import LocalPlacement
@@ -292,6 +301,18 @@ class Host:
             raise
         await self.placement(rec).stop(rec)
 
+    async def settle_guest(self, name: str) -> SettleResult:
+        """Settle a guest a move left ``needs-action`` or ``unreachable``: look at both ends
+        of its last move, keep the one copy that runs with a good memory verdict (its
+        heartbeat advancing), stop the other, release what it held; the guest is running
+        and movable again. Raises BadInputError (exit 2) for a guest in another state,
+        SettleRefusedError (exit 4, nothing changed, both ends' state in the message) where
+        it cannot tell, GuestLostError where no copy is left."""
+        # Refused before its lock file (nothing changed), and again under the lock.
+        check_settleable(self.store.get_guest(name))
+        with self.store.lock_guest(name, "settled"):
+            return await settle_guest(self.local, self.cloud, self.store.get_guest(name))
+
     async def stop_all(self) -> None:
         """Stop every guest and cloud VM of this state directory."""
         for rec in self.store.guests():
@@ -360,9 +381,7 @@ class Host:
         # migrate_local checks these again under the guest's lock; here they come first.
         if rec.state is GuestState.MIGRATING:
             raise GuestBusyError(f"guest {name!r} is busy: a migration of it is in flight")
-        if rec.state is not GuestState.RUNNING:
-            raise BadInputError(f"guest {name!r} is {rec.state.value}; only a running guest "
-                                f"can be migrated")
+        check_movable(rec)
         backend = RamBackend(rec.backend)
         if opts.mode is MigrationMode.AUTO:
             opts = choose_mode(opts, rec)[0]  # what the move will check under its lock

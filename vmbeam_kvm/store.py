@@ -43,7 +43,10 @@ class GuestState(StrEnum):
     # wrote still hold such rows, and must open.
     STOPPED = "stopped"
     LOST = "lost"                  # its QEMU died outside our control
-    NEEDS_ACTION = "needs-action"  # unsafe state an operator must resolve
+    NEEDS_ACTION = "needs-action"  # unsafe state an operator must resolve (`guest settle`)
+    # A move failed before its source handed over, and the source's cloud VM has not
+    # answered since: it runs again (running) as soon as it answers; nothing can run twice.
+    UNREACHABLE = "unreachable"
 
 
 class MigrationPhase(StrEnum):
@@ -56,6 +59,10 @@ class MigrationPhase(StrEnum):
     RELOCATE = "relocate"  # destination runs; source being quit
     DONE = "done"
     FAILED = "failed"      # rolled back: source runs, destination gone
+    # Rolled back before the source handed over (the destination, seen never to have run,
+    # is gone), but the source has not answered since: the next command resumes it once
+    # it answers (migrate.recovery). Not a step of a move: never entered in order.
+    SOURCE_PENDING = "source-pending"
 
 
 @dataclass

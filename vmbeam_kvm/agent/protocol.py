@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ..config import AGENT_CALL_TIMEOUT, AGENT_LOCK_WAIT
+from ..config import AGENT_LOCK_WAIT, agent_call_timeout
 from ..errors import AgentError
 from ..heartbeat import Heartbeat
 
@@ -165,8 +165,11 @@ class AgentClient:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    async def call(self, op: str, timeout: float = AGENT_CALL_TIMEOUT, **args: Any) -> Any:
-        """Send one request and wait for its reply (requests on one channel are serialised)."""
+    async def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
+        """Send one request and wait for its reply (requests on one channel are serialised);
+        ``timeout`` None: :func:`~vmbeam_kvm.config.agent_call_timeout`."""
+        if timeout is None:
+            timeout = agent_call_timeout()
         async with self._lock:
             if self._writer is None:
                 await self.connect()
@@ -218,11 +221,11 @@ class AgentClient:
 
     # -- typed operations -------------------------------------------------------------
     async def qmp(self, guest: str, cmd: str, args: dict[str, Any] | None = None,
-                  timeout: float = AGENT_CALL_TIMEOUT) -> Any:
+                  timeout: float | None = None) -> Any:
         """Run a QMP command on the QEMU of ``guest`` in this cloud VM."""
         return await self.call(Op.QMP, timeout=timeout, name=guest, cmd=cmd, args=args)
 
-    async def ping(self, timeout: float = AGENT_CALL_TIMEOUT) -> Pong:
+    async def ping(self, timeout: float | None = None) -> Pong:
         r = await self.call(Op.PING, timeout=timeout)
         return Pong(name=str(r["name"]), pid=int(r["pid"]), guests=list(r["guests"]))
 
@@ -240,13 +243,13 @@ class AgentClient:
         return L2Started(pid=int(r["pid"]), agent_pid=int(r["agent_pid"]),
                          region=dict(r["region"]))
 
-    async def status(self, name: str, timeout: float = AGENT_CALL_TIMEOUT) -> L2Status:
+    async def status(self, name: str, timeout: float | None = None) -> L2Status:
         """The guest's L2 QEMU as the agent sees it; AgentError with remote_type
         ``BadInputError`` when the agent runs no such guest."""
         return L2Status.of(await self.call(Op.STATUS, timeout=timeout, name=name))
 
     async def stop_guest(self, name: str, *, kill: bool = False,
-                         timeout: float = AGENT_CALL_TIMEOUT) -> bool:
+                         timeout: float | None = None) -> bool:
         """Quit (or SIGKILL) the guest's L2 QEMU; False when the agent had no such guest."""
         return bool((await self.call(Op.STOP_GUEST, timeout=timeout, name=name,
                                      kill=kill))["stopped"])

@@ -5,6 +5,7 @@
 * :mod:`.routes` — its topology-specific steps: on this host, and between cloud VMs;
 * :mod:`.handover` — the rules for waiting on and resuming a source;
 * :mod:`.recovery` — the decision table for moves whose command died;
+* :mod:`.settle` — ``guest settle``: the copy to keep of a guest a move left to an operator;
 * :mod:`.faults` — fault injection for tests.
 
 :func:`migrate_local` and :func:`migrate_between` check a request under the guest's lock,
@@ -17,7 +18,7 @@ import asyncio
 import time
 from dataclasses import replace
 
-from ..checks import check_tail_window
+from ..checks import check_movable, check_tail_window
 from ..errors import BadInputError
 from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
@@ -34,6 +35,7 @@ from .model import (
 )
 from .recovery import CloudEnds, LocalEnds, recover, recover_move
 from .routes import CloudRoute, LocalRoute
+from .settle import SettleResult, settle_guest
 
 
 def choose_mode(opts: MigrationOptions, rec: GuestRecord) -> tuple[MigrationOptions, str]:
@@ -68,9 +70,7 @@ async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
     requested = time.monotonic()
     with store.lock_guest(name, "migrated"):
         rec = store.get_guest(name)
-        if rec.state is not GuestState.RUNNING:
-            raise BadInputError(f"guest {name!r} is {rec.state.value}; only a running guest "
-                                f"can be migrated")
+        check_movable(rec)
         src = place.process(rec)
         if not src.alive():
             rec.state = GuestState.LOST
@@ -116,8 +116,7 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
         if not rec.cloud_vm:
             raise BadInputError(f"guest {name!r} runs on this host, not in a cloud VM: "
                                 f"use --local")
-        if rec.state is not GuestState.RUNNING:
-            raise BadInputError(f"guest {name!r} is {rec.state.value}")
+        check_movable(rec)
         src_vm, dst_vm = ops.running_vm(rec.cloud_vm), ops.running_vm(to)
         if src_vm.name == dst_vm.name:
             raise BadInputError(f"guest {name!r} already runs in {to!r}")
@@ -166,5 +165,5 @@ def _unfinished(store: Store, mig_id: int) -> bool:
 
 
 __all__ = ["MigrationMode", "MigrationOptions", "MigrationResult", "NestedResult",
-           "ProgressCallback", "ProgressEvent", "choose_mode", "migrate_between",
-           "migrate_local", "recover_move"]
+           "ProgressCallback", "ProgressEvent", "SettleResult", "choose_mode",
+           "migrate_between", "migrate_local", "recover_move", "settle_guest"]

@@ -13,8 +13,9 @@ rollback, the needs-action policy, progress events and the result.
 Safety rules (docs/design.md §4.4, §4.6, §7.15): the destination maps the very region (checked
 before any switch); ``return-path`` makes the source wait for the destination to load; the
 destination is confirmed ``running`` before the source quits; a source that handed over is
-never resumed. Any failure before the switch leaves the source running; a failure after it
-leaves the source paused and the guest ``needs-action``.
+never resumed. Any failure before the switch leaves the source running (or, where the
+source's end stops answering, the guest ``unreachable`` until it answers: nothing was handed
+over); a failure after it leaves the source paused and the guest ``needs-action``.
 """
 
 from __future__ import annotations
@@ -182,8 +183,17 @@ class Route(ABC):
         """Rollback: the destination QEMU and its memory hold go (never runs twice)."""
 
     @abstractmethod
-    async def source_alive(self) -> tuple[bool, str]:
-        """Whether the source QEMU still runs the guest; if not, where it went."""
+    async def source_alive(self) -> tuple[bool | None, str]:
+        """Whether the source QEMU still runs the guest (None: its end does not answer);
+        if not, where it went."""
+
+    # The source's end stopped answering during this move (its cloud VM is stopped or
+    # hung): the engine asks it nothing more.
+    source_unanswered = False
+
+    def pending_text(self) -> str:
+        """Where the unanswering source is, for the operator."""
+        return "its source does not answer"
 
     def fill(self, result: MigrationResult) -> None:
         """This route's figures of the result."""
@@ -293,6 +303,8 @@ class MigrationRun:
                 self._enter(MigrationPhase.SHARE)
                 await route.probe_ticks()
                 await self._start_meter()
+                if hooks.at_share is not None:
+                    await hooks.at_share(route.hook_target)
                 await route.share()
                 faults.crash_point(MigrationPhase.SHARE)
                 self._enter(MigrationPhase.PREPARE)
@@ -321,7 +333,10 @@ class MigrationRun:
                 # that its first ticks are not missed (a meter it cannot reach only
                 # leaves the figures None).
                 await self.meter.wait_connections(2, 2.0)
-            hb0 = await route.heartbeat()
+            try:
+                hb0 = await route.heartbeat()
+            except VmbeamError as exc:  # the source was not asked to migrate yet
+                raise Rollback(f"the source did not answer before the switch: {exc}") from exc
             t0, wall0 = time.monotonic(), time.time()
             try:
                 route.switch_started = True
@@ -379,7 +394,7 @@ class MigrationRun:
             return result
         except Rollback as exc:
             try:
-                await self._rollback(str(exc))
+                resumed = await self._rollback(str(exc))
             except GuestLostError:
                 raise
             except VmbeamError as unsafe:
@@ -389,6 +404,13 @@ class MigrationRun:
                 raise MigrationError(f"migration of {name!r} failed ({exc}) and its source "
                                      f"could not be resumed: {unsafe}",
                                      source_resumed=False) from unsafe
+            if not resumed:
+                raise MigrationError(
+                    f"migration of {name!r} failed before its source handed over, and "
+                    f"{route.pending_text()}: the guest is recorded unreachable and runs "
+                    f"again (state running) as soon as it answers; any command sees to "
+                    f"that ({exc})", source_resumed=False, source_pending=True
+                ) from exc.__cause__
             raise MigrationError(f"migration of {name!r} failed, {route.resumed_text()}: "
                                  f"{exc}", source_resumed=True) from exc.__cause__
         except VmbeamError as exc:
@@ -459,6 +481,9 @@ class MigrationRun:
         meter, self.meter = self.meter, None
         if meter is None:
             return
+        if not self._committed and self.route.source_unanswered:
+            meter.close()  # asking again would only wait as long once more
+            return
         qmp = self.route.dst_qmp if self._committed else self.route.src_qmp
         with contextlib.suppress(VmbeamError):
             await self.route.point_ticks(qmp, null_backend())
@@ -479,10 +504,26 @@ class MigrationRun:
                                      f"{self.rec.name}`", source_resumed=False)
             await asyncio.sleep(self.route.poll * 2)
 
-    async def _rollback(self, why: str) -> None:
-        """The destination goes first, then the source runs again (never both)."""
-        await self.route.drop_dest()
-        alive, where = await self.route.source_alive()
+    async def _rollback(self, why: str) -> bool:
+        """The source is looked at, the destination goes, and only then does the source
+        run again (never both). Returns
+        False where the source does not answer (its cloud VM is stopped or hung) but was
+        never handed over: the destination, seen never to have run, is gone, and the
+        guest is recorded ``unreachable`` (journal ``source-pending``) for the next command
+        to resume once it answers. Raises MigrationError (needs action) where it does not
+        answer after the switch started and the destination may have run."""
+        route = self.route
+        alive, where = await route.source_alive()  # looked at first: None = no answer
+        if alive is None and route.switch_started and not await self._dest_never_ran():
+            raise MigrationError(f"the source does not answer ({where}) and the "
+                                 f"destination may have run", source_resumed=False)
+        await route.drop_dest()
+        if alive is None:
+            self.rec.state = GuestState.UNREACHABLE
+            self.store.update_guest(self.rec)
+            self.store.journal(self.mig_id, MigrationPhase.SOURCE_PENDING,
+                               error=f"{why}; source does not answer ({where})")
+            return False
         if not alive:
             # The destination never ran and is gone too: no copy is left anywhere.
             self.rec.state = GuestState.LOST
@@ -496,6 +537,20 @@ class MigrationRun:
         self.rec.state = GuestState.RUNNING
         self.store.update_guest(self.rec)
         self.store.journal(self.mig_id, MigrationPhase.FAILED, error=why)
+        return True
+
+    async def _dest_never_ran(self) -> bool:
+        """Whether the destination certainly never ran the guest: it is gone, or it stays
+        waiting for its stream (``inmigrate``) over a second (a source that handed over
+        completes a moment before its destination runs)."""
+        for _ in range(5):
+            alive, state = await self.route.dest_state()
+            if not alive:
+                return True
+            if state != "inmigrate":
+                return False
+            await asyncio.sleep(0.25)
+        return True
 
     def _needs_action(self, why: str) -> None:
         self.rec.state = GuestState.NEEDS_ACTION

@@ -25,10 +25,12 @@ Hook = Callable[[Any], Awaitable[None]]
 @dataclass(frozen=True)
 class FaultHooks:
     """``dest_region``: map this region on the destination instead (flat zero-copy);
+    ``at_share``: as share starts (the source's ticks already go to the meter);
     ``before_switch``: at the end of prepare; ``after_switch``: the source completed, the
     destination not yet confirmed running."""
 
     dest_region: BeamRegion | None = None
+    at_share: Hook | None = None
     before_switch: Hook | None = None
     after_switch: Hook | None = None
 

@@ -89,6 +89,8 @@ async def dies_within(proc: DestWatch, seconds: float) -> bool:
     return True
 
 _IN_FLIGHT = ("active", "setup", "device", "pre-switchover", "cancelling")
+# How long a cancelled outgoing migration may take to end.
+OUTGOING_END_TIMEOUT = 30.0
 
 
 def handed_over(info: dict[str, Any]) -> bool:
@@ -126,6 +128,26 @@ async def settle_incoming(src: QMPExecute, dst: QMPExecute, timeout: float = 10.
     return state
 
 
+async def end_outgoing(execute: QMPExecute, timeout: float = OUTGOING_END_TIMEOUT
+                       ) -> dict[str, Any]:
+    """Cancel a source's outgoing migration still in flight and wait until it has ended
+    (a source continued after a pause finds out late that its peer is gone); returns its
+    last ``query-migrate``. MigrationError when it is still in flight after ``timeout``:
+    a source that cannot start a new migration is not settled yet."""
+    deadline = time.monotonic() + timeout
+    info: dict[str, Any] = await execute("query-migrate", None)
+    while info.get("status") in _IN_FLIGHT:
+        if info.get("status") != "cancelling":
+            await execute("migrate_cancel", None)
+        if time.monotonic() > deadline:
+            raise MigrationError(f"the source's outgoing migration is still "
+                                 f"{info.get('status')} after {timeout:.0f} s",
+                                 source_resumed=False)
+        await asyncio.sleep(0.05)
+        info = await execute("query-migrate", None)
+    return info
+
+
 async def resume_source(execute: QMPExecute, name: str, *, switch_started: bool,
                         dest_never_ran: bool = False) -> None:
     """Ensure a source whose migration did not complete runs again.
@@ -138,14 +160,7 @@ async def resume_source(execute: QMPExecute, name: str, *, switch_started: bool,
     ``query-migrate`` says is about an earlier migration.
     """
     if switch_started:
-        info = await execute("query-migrate", None)
-        if info.get("status") in _IN_FLIGHT:
-            await execute("migrate_cancel", None)
-            for _ in range(500):
-                info = await execute("query-migrate", None)
-                if info.get("status") not in _IN_FLIGHT:
-                    break
-                await asyncio.sleep(0.01)
+        info = await end_outgoing(execute)
         if handed_over(info) and not dest_never_ran:
             raise MigrationError(f"source of {name!r} already handed over; not resuming it",
                                  source_resumed=False)

@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,11 @@ from ..cloudvm import CloudVMRecord
 from ..config import (
     EJECT_GRACE,
     NESTED_DOWNTIME_LIMIT_MS,
-        SOURCE_QUIT_TIMEOUT,
+    SOURCE_QUIT_TIMEOUT,
+    UNREACHABLE_PROBE_TIMEOUT,
     prefault_connect_timeout,
 )
-from ..errors import AgentError, LaunchError, RegionError, VmbeamError
+from ..errors import AgentError, LaunchError, QMPCommandError, RegionError, VmbeamError
 from ..heartbeat import Heartbeat, read_status, wait_for_heartbeat
 from ..pagemap import FrameComparison, compare_frames, find_memfd_inode
 from ..placement.cloud import CloudOps
@@ -363,10 +365,29 @@ class CloudRoute(Route):
         self.net = 0
 
     async def src_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        return await self.src_agent.qmp(self.rec.name, cmd, args)
+        with self._from_source():
+            return await self.src_agent.qmp(self.rec.name, cmd, args)
 
     async def dst_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self.dst_agent.qmp(self.rec.name, cmd, args)
+
+    @contextlib.contextmanager
+    def _from_source(self) -> Iterator[None]:
+        """Note a source end that gives no answer (an agent that did not reply, an L1
+        QEMU whose QMP times out); an error it answered with is an answer."""
+        try:
+            yield
+        except AgentError as exc:
+            if not exc.remote_type:
+                self.source_unanswered = True
+            raise
+        except QMPCommandError as exc:
+            if not exc.error_class:
+                self.source_unanswered = True
+            raise
+
+    def pending_text(self) -> str:
+        return f"cloud VM {self.src_vm.name} does not answer"
 
     @property
     def hook_target(self) -> Any:
@@ -412,7 +433,9 @@ class CloudRoute(Route):
         if att is None:
             raise RegionError(f"region {self.rec.region_id} is not attached to "
                               f"{self.src_vm.name}")
-        for fdset in await self.src_l1.execute("query-fdsets"):
+        with self._from_source():
+            fdsets = await self.src_l1.execute("query-fdsets")
+        for fdset in fdsets:
             if fdset["fdset-id"] == att["fdset"]:
                 return BeamRegion.open_from_process(self.src_l1.pid, fdset["fds"][0]["fd"],
                                                     self.rec.region_id)
@@ -453,10 +476,9 @@ class CloudRoute(Route):
         if not self.tls:
             return ""
         key = secrets.token_hex(32)
-        creds = ""
-        for agent, endpoint in ((self.src_agent, "client"), (self.dst_agent, "server")):
-            creds = await agent.migration_tls(self.rec.name, endpoint, key)
-        return creds
+        with self._from_source():
+            await self.src_agent.migration_tls(self.rec.name, "client", key)
+        return await self.dst_agent.migration_tls(self.rec.name, "server", key)
 
     async def listen(self) -> str:
         # Port 0: the kernel picks a free one, so that moves into one cloud VM can overlap.
@@ -545,6 +567,9 @@ class CloudRoute(Route):
         await self.sampler.stop()
 
     async def heartbeat(self) -> Heartbeat | None:
+        if self.rec.cloud_vm == self.src_vm.name:
+            with self._from_source():
+                return await self.ops.heartbeat(self.rec)
         return await self.ops.heartbeat(self.rec)
 
     async def wait_heartbeat(self, after_seq: int, timeout: float) -> Heartbeat | None:
@@ -579,8 +604,17 @@ class CloudRoute(Route):
             if self.dst_region_id != self.rec.region_id:
                 self.ops.store.remove_region(self.dst_region_id)
 
-    async def source_alive(self) -> tuple[bool, str]:
-        src = await self.ops.l2_status(self.src_vm.name, self.rec.name, wait=10)
+    async def source_alive(self) -> tuple[bool | None, str]:
+        # A source that gave no answer during this move gets one short look more (it may
+        # have been continued meanwhile); otherwise it may be restarting its agent.
+        quick = self.source_unanswered
+        try:
+            src = await self.ops.l2_status(
+                self.src_vm.name, self.rec.name, wait=0 if quick else 10,
+                timeout=UNREACHABLE_PROBE_TIMEOUT if quick else None)
+        except AgentError as exc:
+            self.source_unanswered = True
+            return None, f"in {self.src_vm.name}: {exc}"
         where = "its cloud VM died" if not self.src_l1.alive() else "its L2 QEMU is gone"
         return src.alive, f"in {self.src_vm.name}: {where}"
 

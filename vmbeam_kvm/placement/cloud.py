@@ -35,10 +35,10 @@ from ..cloudvm import (
     settle_revoked,
 )
 from ..config import (
-    AGENT_CALL_TIMEOUT,
     LAB_CLOUD_VM_HOSTS,
     LAB_GUEST_HOSTS,
     SOURCE_QUIT_TIMEOUT,
+    agent_call_timeout,
 )
 from ..errors import AgentError, BadInputError, NetworkError, QMPCommandError, VmbeamError
 from ..heartbeat import Heartbeat
@@ -76,9 +76,12 @@ class CloudOps:
         return self.store.get_cloud_vm(name)
 
     def l1(self, rec: CloudVMRecord) -> QemuProcess:
-        """The cloud VM's QEMU on this host."""
-        return self.rt.procs.attach(ProcessRef(rec.pid, rec.pid_start), Path(rec.qmp_path),
+        """The cloud VM's QEMU on this host (each QMP command within the agent's call
+        limit: a stopped cloud VM answers neither)."""
+        proc = self.rt.procs.attach(ProcessRef(rec.pid, rec.pid_start), Path(rec.qmp_path),
                                     Path(rec.log_path))
+        proc.call_timeout = agent_call_timeout()
+        return proc
 
     def agent(self, rec: CloudVMRecord) -> AgentClient:
         client = self._agents.get(rec.name)
@@ -209,8 +212,13 @@ class CloudOps:
 
     def running_vm(self, name: str) -> CloudVMRecord:
         rec = self.vm(name)
-        if rec.state is not CloudVMState.RUNNING or not self.l1(rec).alive():
+        l1 = self.l1(rec)
+        if rec.state is not CloudVMState.RUNNING or not l1.alive():
             raise BadInputError(f"cloud VM {name!r} is not running ({rec.state.value})")
+        if l1.ref.stopped():
+            # L0's own view: nothing in it can answer until it is continued.
+            raise BadInputError(f"cloud VM {name!r} is stopped (its QEMU, pid {rec.pid}, is "
+                                f"stopped by a signal): nothing changed")
         return rec
 
     async def start_cloud_vm(self, name: str, tenant: str, memory: int | str = "2G",
@@ -393,28 +401,35 @@ class CloudOps:
                 with contextlib.suppress(AgentError):
                     await self.agent(vm).stop_guest(
                         name, kill=not home,
-                        timeout=AGENT_CALL_TIMEOUT if home else SOURCE_QUIT_TIMEOUT)
+                        timeout=None if home else SOURCE_QUIT_TIMEOUT)
                 for region_id in held:
                     await self.release(vm, region_id)
             for region_id in regions:
                 self.store.remove_region(region_id)
             self.store.remove_guest(name)
 
-    async def l2_status(self, vm_name: str, name: str, wait: float = 0) -> L2Status:
+    async def l2_status(self, vm_name: str, name: str, wait: float = 0,
+                        timeout: float | None = None) -> L2Status:
         """The agent's view of guest ``name`` in cloud VM ``vm_name``; :data:`GONE` when it
         certainly does not run there (the cloud VM is gone, or its agent has no such guest).
-        ``wait``: how long to wait for an agent that is restarting. AgentError when unknown.
+        ``wait``: how long to wait for an agent that is restarting; ``timeout``: for the
+        call (None: the agent's call limit). AgentError when unknown (a cloud VM whose QEMU
+        is stopped by a signal is not asked).
         """
         try:
             vm = self.vm(vm_name)
         except BadInputError:
             return GONE
-        if vm.state is not CloudVMState.RUNNING or not self.l1(vm).alive():
+        l1 = self.l1(vm)
+        if vm.state is not CloudVMState.RUNNING or not l1.alive():
             return GONE
+        if l1.ref.stopped():
+            raise AgentError(f"cloud VM {vm_name} is stopped (its QEMU, pid {vm.pid}, is "
+                             f"stopped by a signal)")
         try:
             if wait:
                 await self.agent(vm).wait_ready(wait)
-            return await self.agent(vm).status(name)
+            return await self.agent(vm).status(name, timeout=timeout)
         except AgentError as exc:
             if exc.remote_type == BadInputError.__name__:
                 return GONE  # the agent answered: it runs no such guest

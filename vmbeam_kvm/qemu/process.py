@@ -44,15 +44,25 @@ class ProcessRef:
     def of(cls, pid: int) -> ProcessRef:
         return cls(pid, _start_time(pid))
 
-    def alive(self) -> bool:
-        """True while the very process is running (not a zombie, not a recycled pid)."""
+    def _state(self) -> str:
+        """The very process's state letter in /proc (R, S, T, Z...); "" when it is gone
+        or its pid was recycled."""
         try:
             with open(f"/proc/{self.pid}/stat") as f:
                 stat = f.read()
         except OSError:
-            return False
+            return ""
         fields = stat[stat.rindex(")") + 2:].split()
-        return fields[0] not in ("Z", "X") and int(fields[19]) == self.start_time
+        return fields[0] if int(fields[19]) == self.start_time else ""
+
+    def alive(self) -> bool:
+        """True while the very process is running (not a zombie, not a recycled pid)."""
+        return self._state() not in ("", "Z", "X")
+
+    def stopped(self) -> bool:
+        """True while the very process is stopped by a signal (SIGSTOP, a tracer): it
+        answers nothing, QMP included, until it is continued."""
+        return self._state() in ("T", "t")
 
 
 def _start_time(pid: int) -> int:
@@ -209,6 +219,9 @@ class QemuProcess:
         self._popen = popen
         self._qmp: QMPClient | None = None
         self.state = QemuState.RUNNING if ref.alive() else QemuState.EXITED
+        # Seconds one QMP command may take (None: no limit). A cloud VM's QEMU gets one:
+        # a stopped (SIGSTOP) or wedged one would otherwise hang every caller for good.
+        self.call_timeout: float | None = None
 
     @property
     def pid(self) -> int:
@@ -392,7 +405,12 @@ class QemuProcess:
                                       disconnected=True) from exc
         assert self._qmp is not None
         try:
-            return await self._qmp.execute(cmd, args)
+            async with asyncio.timeout(self.call_timeout):
+                return await self._qmp.execute(cmd, args)
+        except TimeoutError:
+            self._drop_qmp()  # a late reply must not meet the next command
+            raise QMPCommandError(f"{cmd}: QEMU {self.pid} did not answer within "
+                                  f"{self.call_timeout:.0f} s", command=cmd) from None
         except ExecuteError as exc:
             raise QMPCommandError(f"{cmd}: {exc.error_class}: {exc}", command=cmd,
                                   error_class=exc.error_class) from exc
