@@ -595,6 +595,83 @@ async def lab_down(ctx: click.Context, as_json: bool) -> None:
     _emit(as_json, {"status": "down", "namespaces_removed": removed}, "lab down")
 
 
+# -------------------------------------------------------------------------------- hosts
+@main.group("host")
+def host_group() -> None:
+    """Other L0 hosts, reached over SSH (key authentication, host key pinned at add)."""
+
+
+@host_group.command("identity")
+@json_option
+@click.pass_context
+@command
+async def host_identity(ctx: click.Context, as_json: bool) -> None:
+    """This host's identity (machine id, boot id, state store id)."""
+    async with Host(_settings(ctx)) as host:
+        ident = host.identity()
+    _emit(as_json, ident.to_json(), f"machine {ident.machine_id}, boot {ident.boot_id}, "
+                                    f"store {ident.store_id} ({ident.hostname})")
+
+
+@host_group.command("add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--identity", "identity_file", default="",
+              help="Private key ssh offers (default: ssh's own).")
+@click.option("--remote-command", default="vmbeam-kvm", show_default=True,
+              help="How to run vmbeam-kvm on that host (e.g. with its --state-dir).")
+@click.option("--host-key", help="The host's public key (a known_hosts key: TYPE BASE64); "
+              "default: pinned from the host on first contact.")
+@json_option
+@click.pass_context
+@command
+async def host_add(ctx: click.Context, name: str, url: str, identity_file: str,
+                   remote_command: str, host_key: str | None, as_json: bool) -> None:
+    """Add host NAME at ssh://[USER@]ADDR[:PORT]: pin its key, ask who it is."""
+    from .hosts import SshTarget, check_host_name
+    check_host_name(name)
+    SshTarget.parse(url)
+    async with Host(_settings(ctx)) as host:
+        rec = await host.hosts.add(name, url, identity_file=identity_file,
+                                   remote_command=remote_command, host_key=host_key)
+        here = host.identity()
+    out = {"name": rec.name, "url": rec.url, "fingerprint": rec.fingerprint,
+           "identity": rec.identity.to_json(), "co_located": rec.identity.same_l0(here)}
+    where = ", co-located with this one" if out["co_located"] else ""
+    _emit(as_json, out, f"host {rec.name} added ({rec.url}, key {rec.fingerprint}, machine "
+                        f"{rec.machine_id}{where})")
+
+
+@host_group.command("list")
+@json_option
+@click.pass_context
+@command
+async def host_list(ctx: click.Context, as_json: bool) -> None:
+    """This host and every added host, each asked who it is now."""
+    async with Host(_settings(ctx)) as host:
+        here = host.identity()
+        others = await asyncio.gather(*(host.hosts.status(r, here)
+                                        for r in host.store.hosts()))
+    out = {"this": here.to_json(), "hosts": list(others)}
+    lines = [f"this host: machine {here.machine_id}, store {here.store_id}"]
+    lines += [f"{h['name']:12} {h['url']:32} "
+              f"{'reachable' if h['reachable'] else 'UNREACHABLE'}"
+              f"{', co-located' if h['co_located'] else ''}" for h in others]
+    _emit(as_json, out, "\n".join(lines))
+
+
+@host_group.command("remove")
+@click.argument("name")
+@json_option
+@click.pass_context
+@command
+async def host_remove(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Forget host NAME and its pinned key."""
+    async with Host(_settings(ctx)) as host:
+        host.hosts.remove(name)
+    _emit(as_json, {"name": name, "status": "removed"}, f"host {name} removed")
+
+
 # ---------------------------------------------------------------------------- accelerator
 @main.command("accel")
 @click.option("--reprobe", is_flag=True, help="Measure again instead of reading the cache.")

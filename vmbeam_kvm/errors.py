@@ -84,6 +84,23 @@ class AgentError(VmbeamError):
         self.remote_type = remote_type
 
 
+class HostError(VmbeamError):
+    """Another host could not be reached over SSH, or its vmbeam-kvm failed a request.
+
+    ``host`` is its name; ``ssh_failed`` says ssh itself failed (connection, pinned host key,
+    authentication); otherwise ``remote_exit_code`` and ``remote_type`` are the remote
+    command's exit code and error class.
+    """
+
+    def __init__(self, message: str, *, host: str = "", ssh_failed: bool = False,
+                 remote_exit_code: int = 0, remote_type: str = "") -> None:
+        super().__init__(message)
+        self.host = host
+        self.ssh_failed = ssh_failed
+        self.remote_exit_code = remote_exit_code
+        self.remote_type = remote_type
+
+
 class NetworkError(VmbeamError):
     """A lab network (namespace, bridge, tap) could not be built or changed."""
 

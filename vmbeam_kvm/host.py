@@ -42,6 +42,7 @@ from .config import Accel, Settings
 from .errors import BadInputError, GuestBusyError, UnknownGuestError
 from .evacuate import Evacuation, Rejuvenation, evacuate, rejuvenate
 from .guest import Guest, GuestStatus
+from .hosts import HostIdentity, Hosts, local_identity
 from .migrate import (
     SettleResult,
     choose_mode,
@@ -115,6 +116,16 @@ class Host:
         if self._cloud is None:
             self._cloud = CloudVMs(self.rt)
         return self._cloud
+
+    @property
+    def hosts(self) -> Hosts:
+        """Other L0 hosts, reached over SSH (``host add/list/remove``)."""
+        return Hosts(self.store, self.settings.state_dir)
+
+    def identity(self) -> HostIdentity:
+        """This L0's identity: machine id, boot id, store id (co-location is decided on
+        these, never on a name)."""
+        return local_identity(self.settings.state_dir)
 
     def placement(self, rec: GuestRecord) -> Placement:
         """Where ``rec`` runs: in a cloud VM, or on this host."""

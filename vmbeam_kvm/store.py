@@ -30,6 +30,7 @@ from .errors import (
     UnknownGuestError,
     VmbeamError,
 )
+from .hosts import HostRecord
 from .units import check_name, shown
 
 
@@ -131,6 +132,9 @@ CREATE TABLE IF NOT EXISTS cloud_vms (
 CREATE TABLE IF NOT EXISTS regions (
     region_id TEXT PRIMARY KEY, guest TEXT, tenant TEXT, ram_size INTEGER, size INTEGER,
     created_at REAL);
+CREATE TABLE IF NOT EXISTS hosts (
+    name TEXT PRIMARY KEY, url TEXT, fingerprint TEXT, machine_id TEXT, boot_id TEXT,
+    store_id TEXT, hostname TEXT, identity_file TEXT, remote_command TEXT, added_at REAL);
 CREATE TABLE IF NOT EXISTS events (
     at REAL, kind TEXT, subject TEXT, detail TEXT);
 CREATE TABLE IF NOT EXISTS migrations (
@@ -363,6 +367,25 @@ class Store:
 
     def remove_cloud_vm(self, name: str) -> None:
         self._db.execute("DELETE FROM cloud_vms WHERE name=?", (name,))
+
+    # -- other hosts ----------------------------------------------------------------------
+    def add_host(self, rec: HostRecord) -> None:
+        self._insert("hosts", asdict(rec),
+                     BadInputError(f"a host named {rec.name!r} already exists"))
+
+    def find_host(self, name: str) -> HostRecord | None:
+        """The record of host ``name``, None if there is none."""
+        key = _lookup_key(name)
+        row = None if key is None else self._db.execute(
+            "SELECT * FROM hosts WHERE name=?", (key,)).fetchone()
+        return None if row is None else HostRecord(**{k: row[k] for k in row.keys()})  # noqa: SIM118
+
+    def hosts(self) -> list[HostRecord]:
+        return [HostRecord(**{k: r[k] for k in r.keys()})  # noqa: SIM118
+                for r in self._db.execute("SELECT * FROM hosts ORDER BY added_at")]
+
+    def remove_host(self, name: str) -> None:
+        self._db.execute("DELETE FROM hosts WHERE name=?", (name,))
 
     # -- regions and the audit log ------------------------------------------------------------
     def add_region(self, region_id: str, guest: str, tenant: str, ram_size: int,
