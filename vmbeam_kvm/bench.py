@@ -317,3 +317,42 @@ async def bench_nested(host: Host, sizes: Sequence[int], *, cloud_vms: tuple[str
     return rows
 
 
+
+
+async def bench_evacuation(host: Host, size: int, guests: int, *, cloud_vms: tuple[str, str],
+                           repeat: int = 1, touch: int = 70,
+                           progress: Callable[[str], None] = lambda _: None
+                           ) -> dict[str, Any]:
+    """``guests`` guests of ``size`` evacuated from one cloud VM into the other and back,
+    ``repeat`` times: the wall time of each evacuation and every guest's pause (the
+    ``method: evacuate`` row of ``bench nested --guests N``)."""
+    a, b = cloud_vms
+    names = [f"bench-e{i}" for i in range(guests)]
+    runs: list[dict[str, Any]] = []
+    try:
+        for n in names:
+            progress(f"evacuation: starting guest {n} ({format_size(size)}) in {a}")
+            await host.cloud.start_guest(n, a, size, touch=touch)
+        for n in names:
+            if await host.cloud.wait_heartbeat(host.store.get_guest(n), timeout=300) is None:
+                raise RuntimeError(f"guest {n} did not start in {a}")
+        src, dst = a, b
+        for i in range(repeat * 2):
+            ev = await host.evacuate(src, [dst])
+            s = ev.summary()
+            pauses = [m.pause_ms for m in ev.moves if m.pause_ms is not None]
+            runs.append({"from": src, "to": dst, "parallel": ev.parallel, **s,
+                         "pauses_ms": pauses})
+            progress(f"evacuation #{i + 1} {src} -> {dst}: {s['completed']}/{guests} in "
+                     f"{s['wall_ms']:.0f} ms, max pause {s['max_pause_ms']} ms")
+            if ev.exit_code:
+                break
+            src, dst = dst, src
+    finally:
+        for n in names:
+            await host.stop_guest(n, missing_ok=True)
+    walls = [r["wall_ms"] for r in runs]
+    every = [p for r in runs for p in r["pauses_ms"]]
+    return {"method": "evacuate", "memory_bytes": size, "guests": guests,
+            "wall_ms": summarize(walls), "pause_ms": summarize(every),
+            "all_completed": all(r["failed"] == 0 for r in runs), "runs": runs}

@@ -24,7 +24,7 @@ import click
 
 from .bench import METHODS, PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
 from .checks import check_movable
-from .cloudvm import CLOUD_VM_CPUS
+from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS
 from .config import Accel, Settings
 from .errors import BadInputError, LaunchError, SettleRefusedError, VmbeamError
 from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory, check_huge_pages, check_tail_window
@@ -705,14 +705,18 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
 @click.option("--touch", default="70%", show_default=True)
 @click.option("--tail-window", type=click.FloatRange(0, 10), default=TAIL_WINDOW,
               show_default=True, help="Seconds of work rate compared (post_switch_slowdown).")
+@click.option("--guests", type=click.IntRange(0, ROOT_PORTS), default=0, show_default=True,
+              help="Also evacuate this many guests of the first size at once, there and "
+              "back (a row with method 'evacuate').")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path))
 @json_option
 @click.pass_context
 @command
 async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str,
-                           tail_window: float, plot_path: Path | None, as_json: bool) -> None:
+                           tail_window: float, guests: int, plot_path: Path | None,
+                           as_json: bool) -> None:
     """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed)."""
-    from .bench import bench_nested
+    from .bench import bench_evacuation, bench_nested
     from .lab import DEFAULT_LAB, lab_network
     size_list = _bench_sizes(sizes, in_cloud_vm=True)
     pct = parse_percent(touch)
@@ -731,6 +735,9 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
             rows = await bench_nested(host, size_list, cloud_vms=(pair[0], pair[1]),
                                       repeat=repeat, touch=pct, tail_window=tail_window,
                                       progress=_progress)
+            evac = None if not guests else await bench_evacuation(
+                host, size_list[0], guests, cloud_vms=(pair[0], pair[1]), repeat=repeat,
+                touch=pct, progress=_progress)
         finally:
             for n in started:
                 with contextlib.suppress(VmbeamError):
@@ -739,7 +746,14 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
                 await net.destroy()
     if plot_path is not None:
         plot(rows, plot_path, "vmbeam-kvm: L2 migration between co-located cloud VMs")
-    _emit(as_json, [r.to_json() for r in rows], markdown_table(rows))
+    table = markdown_table(rows)
+    if evac is not None:
+        wall, pause = evac["wall_ms"] or {}, evac["pause_ms"] or {}
+        table += (f"\n\nevacuate {evac['guests']} x {format_size(evac['memory_bytes'])}: wall "
+                  f"{wall.get('median')} ms (max {wall.get('max')}), pause median "
+                  f"{pause.get('median')} ms, max {pause.get('max')} ms, all completed: "
+                  f"{evac['all_completed']}")
+    _emit(as_json, [r.to_json() for r in rows] + ([evac] if evac else []), table)
     if as_json:
         click.echo(markdown_table(rows), err=True)
 
