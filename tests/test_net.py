@@ -141,7 +141,7 @@ async def test_errors_name_the_interface(lab: LabNetwork) -> None:
     assert await lab.taps() == ["tap-a"]
 
 
-# -- owners: a lab network belongs to one state directory (DESIGN pitfall 26) -----------------
+# -- owners: a lab network belongs to one state directory ------------------------------------
 async def test_another_owners_namespace_is_left_alone(lab: LabNetwork) -> None:
     """Two state directories pointed at one namespace: the second is refused before it
     touches anything, and its cleanup removes nothing of the first's."""

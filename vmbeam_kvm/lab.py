@@ -6,8 +6,7 @@ and removes the network.
 
 Each state directory has a lab of its own: its namespace is named after the state directory
 (``Settings.lab_namespace``) and its bridge names the state directory as owner, so two labs
-run side by side; ``lab up`` and ``lab down`` of one never touch the other's (DESIGN
-pitfall 26).
+run side by side; ``lab up`` and ``lab down`` of one never touch the other's.
 """
 
 from __future__ import annotations
