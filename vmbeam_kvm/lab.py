@@ -64,14 +64,20 @@ async def lab_up(host: Host) -> dict[str, list[str]]:
     created = not net.exists()
     have = {vm.name for vm in host.store.cloud_vms()}
     todo = [(t, n) for t, names in DEFAULT_LAB.items() for n in names if n not in have]
+    started: list[str] = []
+
+    async def boot(tenant: str, name: str) -> None:
+        await host.cloud.start_cloud_vm(name, tenant, lab=net)
+        started.append(name)
+
     try:
         # A task group: when one boot fails the others are cancelled (each undoes itself)
         # before the cleanup below, not left booting beside it.
         async with asyncio.TaskGroup() as tg:
             for t, n in todo:
-                tg.create_task(host.cloud.start_cloud_vm(n, t, lab=net))
+                tg.create_task(boot(t, n))
     except BaseException as exc:
-        for _, n in todo:
+        for n in started:  # only what this call started (a name may be another's by now)
             with contextlib.suppress(VmbeamError):
                 await host.cloud.stop_cloud_vm(n)
         if created and not host.store.cloud_vms():
