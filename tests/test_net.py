@@ -18,6 +18,8 @@ from vmbeam_kvm.errors import LabInUseError, NetworkError
 from vmbeam_kvm.lab import lab_network
 from vmbeam_kvm.net import LabNetwork
 
+from .conftest import run_cli
+
 NS = f"vbt-{os.getpid()}"
 PEER = f"vbt-{os.getpid()}-peer"  # a second namespace, to send traffic over the bridge
 
@@ -141,7 +143,7 @@ async def test_errors_name_the_interface(lab: LabNetwork) -> None:
     assert await lab.taps() == ["tap-a"]
 
 
-# -- owners: a lab network belongs to one state directory (DESIGN pitfall 26) -----------------
+# -- owners: a lab network belongs to one state directory ------------------------------------
 async def test_another_owners_namespace_is_left_alone(lab: LabNetwork) -> None:
     """Two state directories pointed at one namespace: the second is refused before it
     touches anything, and its cleanup removes nothing of the first's."""
@@ -214,3 +216,30 @@ def test_each_state_dir_has_a_namespace_of_its_own(tmp_path: Path,
     assert Settings(state_dir=tmp_path / "a").lab_namespace == a.lab_namespace
     monkeypatch.setenv("VMBEAM_LAB_NS", "vbt-explicit")  # an override, as tests set it
     assert Settings(state_dir=tmp_path / "a").lab_namespace == "vbt-explicit"
+
+
+async def test_commands_on_another_owners_namespace_change_nothing(lab: LabNetwork,
+                                                                   state_dir: Path) -> None:
+    """`lab up` and `cloud-vm start` pointed at another state directory's lab namespace: exit
+    2, one line, nothing recorded or created in this state directory or that namespace."""
+    def snapshot() -> list[str]:  # the files; the store's rows are read below
+        return sorted(str(p.relative_to(state_dir)) for p in state_dir.rglob("*")
+                      if not p.name.startswith("state.db-"))
+
+    other = LabNetwork(NS, lab.subnet, "/tmp/state-other")
+    await other.create()
+    await other.add_tap("tap-x")
+    env = {"VMBEAM_LAB_NS": NS, "VMBEAM_LAB_SUBNET": lab.subnet}
+    run_cli(state_dir, "guest", "list", env=env)  # the store exists: compare it, not its birth
+    before = snapshot()
+    for args in (["lab", "up"], ["cloud-vm", "start", "c1", "--tenant", "t"]):
+        proc = run_cli(state_dir, *args, "--json", env=env, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert json.loads(proc.stdout)["error_type"] == "LabInUseError"
+        assert proc.stderr.count("vmbeam-kvm: error:") == 1
+        assert snapshot() == before
+        assert json.loads(run_cli(state_dir, "cloud-vm", "list", "--json", env=env).stdout) == []
+        assert await other.owner_of() == "/tmp/state-other" and await other.taps() == ["tap-x"]
+    down = run_cli(state_dir, "lab", "down", "--json", env=env, timeout=60)
+    assert json.loads(down.stdout) == {"status": "down", "namespaces_removed": []}
+    assert other.exists()

@@ -135,7 +135,7 @@ class Settings:
     @property
     def lab_namespace(self) -> str:
         """The lab's namespace: ``lab_ns`` when set, else ``vmbeam-lab-<digest of the state
-        directory>``, so two state directories never share one (DESIGN pitfall 26)."""
+        directory>``, so two state directories never share one."""
         if self.lab_ns:
             return self.lab_ns
         digest = hashlib.sha256(self.lab_owner.encode()).hexdigest()

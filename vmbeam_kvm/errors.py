@@ -106,8 +106,8 @@ class NetworkError(VmbeamError):
 
 
 class LabInUseError(BadInputError):
-    """The lab namespace belongs to another state directory's lab (``owner``, its path, or
-    "" when it is no vmbeam-kvm lab): nothing in it was touched."""
+    """The lab namespace ``ns`` belongs to another state directory's lab (``owner``, its
+    path): nothing in it was touched."""
 
     def __init__(self, message: str, *, ns: str, owner: str) -> None:
         super().__init__(message)

@@ -245,6 +245,8 @@ class Host:
                              lab: LabNetwork | None = None) -> CloudVMRecord:
         """Boot a cloud VM of ``tenant`` (on ``lab``) and wait for its agent."""
         self.validate_new_cloud_vm(name, tenant, memory, cpus, lab)
+        if lab is not None:  # another state directory's lab is refused before any record
+            lab.check_owner(await lab.owner_of())
         return await self.cloud.start_cloud_vm(name, tenant, memory, cpus, lab=lab)
 
     async def start_guest(self, name: str, memory: int | str, *, image: str = "test",

@@ -6,8 +6,7 @@ and removes the network.
 
 Each state directory has a lab of its own: its namespace is named after the state directory
 (``Settings.lab_namespace``) and its bridge names the state directory as owner, so two labs
-run side by side; ``lab up`` and ``lab down`` of one never touch the other's (DESIGN
-pitfall 26).
+run side by side; ``lab up`` and ``lab down`` of one never touch the other's.
 """
 
 from __future__ import annotations
@@ -65,14 +64,20 @@ async def lab_up(host: Host) -> dict[str, list[str]]:
     created = not net.exists()
     have = {vm.name for vm in host.store.cloud_vms()}
     todo = [(t, n) for t, names in DEFAULT_LAB.items() for n in names if n not in have]
+    started: list[str] = []
+
+    async def boot(tenant: str, name: str) -> None:
+        await host.cloud.start_cloud_vm(name, tenant, lab=net)
+        started.append(name)
+
     try:
         # A task group: when one boot fails the others are cancelled (each undoes itself)
         # before the cleanup below, not left booting beside it.
         async with asyncio.TaskGroup() as tg:
             for t, n in todo:
-                tg.create_task(host.cloud.start_cloud_vm(n, t, lab=net))
+                tg.create_task(boot(t, n))
     except BaseException as exc:
-        for _, n in todo:
+        for n in started:  # only what this call started (a name may be another's by now)
             with contextlib.suppress(VmbeamError):
                 await host.cloud.stop_cloud_vm(n)
         if created and not host.store.cloud_vms():
