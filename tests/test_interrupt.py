@@ -72,7 +72,8 @@ def interrupt(proc: subprocess.Popen[str], sig: int, at: Point, *, then: tuple[i
     else:
         time.sleep(max(0.0, at - (time.monotonic() - t0)))
     landed = proc.poll() is None
-    send(proc, sig)
+    if landed:
+        send(proc, sig)
     for extra in then:
         time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
@@ -389,7 +390,7 @@ def test_cloud_vm_start_interrupted(lab_state: Path, sig: int, at: Any) -> None:
     assert cli_json(state, "cloud-vm", "list", env=LAB_ENV) == []
 
 
-@pytest.mark.parametrize("at", [2.0, "three"], ids=["2s", "three-qemus-appeared"])
+@pytest.mark.parametrize("at", [2.0, "three", 9.0], ids=["2s", "three-qemus-appeared", "9s"])
 def test_lab_up_interrupted(lab_state: Path, at: Any) -> None:
     """``lab up`` SIGTERM'd left all three cloud-VM QEMUs running, and ``lab down`` then
     said it was down."""
