@@ -214,6 +214,18 @@ def test_guest_start_killed_then_stopped(state_dir: Path, reaper: None,
     assert_nothing_left(state_dir, ["g1"])
 
 
+def test_lab_down_stops_qemus_no_record_names(state_dir: Path, reaper: None) -> None:
+    """A QEMU whose record is gone (a command died between removing the record and its
+    QEMU) is still this state dir's: ``lab down`` stops it."""
+    proc = spawn(state_dir, "guest", "start", "g1", *GUEST)
+    interrupt(proc, signal.SIGKILL, qemu_appeared(state_dir), timeout=30)
+    with sqlite3.connect(state_dir / "state.db") as db:
+        db.execute("DELETE FROM guests")
+    assert len(qemu_pids(str(state_dir))) == 1
+    cli_json(state_dir, "lab", "down", env=LAB_ENV)
+    assert_nothing_left(state_dir, ["g1"])
+
+
 def test_stop_kills_only_what_names_its_pidfile(state_dir: Path) -> None:
     """A recycled pid is never killed: a record and a stale pidfile that point at another
     process, and a process that names another state dir's pidfile, all survive the stop."""
