@@ -72,7 +72,8 @@ def interrupt(proc: subprocess.Popen[str], sig: int, at: Point, *, then: tuple[i
     else:
         time.sleep(max(0.0, at - (time.monotonic() - t0)))
     landed = proc.poll() is None
-    send(proc, sig)
+    if landed:
+        send(proc, sig)
     for extra in then:
         time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
@@ -210,6 +211,18 @@ def test_guest_start_killed_then_stopped(state_dir: Path, reaper: None,
     assert [g["name"] for g in listed] == ["g1"]
     cli_json(state_dir, "guest", "status", "g1")
     assert cli_json(state_dir, "guest", "stop", "g1")["status"] == "stopped"
+    assert_nothing_left(state_dir, ["g1"])
+
+
+def test_lab_down_stops_qemus_no_record_names(state_dir: Path, reaper: None) -> None:
+    """A QEMU whose record is gone (a command died between removing the record and its
+    QEMU) is still this state dir's: ``lab down`` stops it."""
+    proc = spawn(state_dir, "guest", "start", "g1", *GUEST)
+    interrupt(proc, signal.SIGKILL, qemu_appeared(state_dir), timeout=30)
+    with sqlite3.connect(state_dir / "state.db") as db:
+        db.execute("DELETE FROM guests")
+    assert len(qemu_pids(str(state_dir))) == 1
+    cli_json(state_dir, "lab", "down", env=LAB_ENV)
     assert_nothing_left(state_dir, ["g1"])
 
 
@@ -389,7 +402,7 @@ def test_cloud_vm_start_interrupted(lab_state: Path, sig: int, at: Any) -> None:
     assert cli_json(state, "cloud-vm", "list", env=LAB_ENV) == []
 
 
-@pytest.mark.parametrize("at", [2.0, "three"], ids=["2s", "three-qemus-appeared"])
+@pytest.mark.parametrize("at", [2.0, "three", 9.0], ids=["2s", "three-qemus-appeared", "9s"])
 def test_lab_up_interrupted(lab_state: Path, at: Any) -> None:
     """``lab up`` SIGTERM'd left all three cloud-VM QEMUs running, and ``lab down`` then
     said it was down."""

@@ -116,6 +116,7 @@ async def _interruptible(coro: Coroutine[Any, Any, None]) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
+    owner = os.getpid()
     got: list[int] = []
 
     def on_signal(signum: int) -> None:
@@ -127,8 +128,18 @@ async def _interruptible(coro: Coroutine[Any, Any, None]) -> None:
         else:
             _progress(f"{name}: still cleaning up (what the command made is being undone)")
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:
+            # A forked child that inherited this handler (pyroute2 forks helpers into the
+            # lab namespace and SIGTERMs them when done): it dies as it would have.
+            # Not loop.add_signal_handler: its wakeup fd is shared with such children,
+            # whose signals then reached this loop as if they were this command's.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        loop.call_soon_threadsafe(on_signal, signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         await coro
     except asyncio.CancelledError:
@@ -136,6 +147,9 @@ async def _interruptible(coro: Coroutine[Any, Any, None]) -> None:
             raise
         raise CommandInterrupted(f"interrupted by {signal.Signals(got[0]).name}",
                                  signum=got[0]) from None
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def command(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
@@ -837,7 +851,7 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
                            as_json: bool) -> None:
     """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed)."""
     from .bench import bench_evacuation, bench_nested
-    from .lab import DEFAULT_LAB, lab_network
+    from .lab import DEFAULT_LAB, lab_network, start_cloud_vms
     size_list = _bench_sizes(sizes, in_cloud_vm=True)
     pct = parse_percent(touch)
     check_tail_window(tail_window)
@@ -850,8 +864,7 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
         net = lab_network(_settings(ctx))
         try:
             _progress(f"booting cloud VMs {started}" if started else "using the running lab")
-            await asyncio.gather(*(host.cloud.start_cloud_vm(n, "tenant-a", lab=net)
-                                   for n in started))
+            await start_cloud_vms(host, [("tenant-a", n) for n in started], net)
             rows = await bench_nested(host, size_list, cloud_vms=(pair[0], pair[1]),
                                       repeat=repeat, touch=pct, tail_window=tail_window,
                                       progress=_progress)

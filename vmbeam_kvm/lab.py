@@ -90,6 +90,26 @@ async def lab_up(host: Host) -> dict[str, list[str]]:
     return {t: [v.name for v in vms if v.tenant == t] for t in DEFAULT_LAB}
 
 
+async def start_cloud_vms(host: Host, vms: list[tuple[str, str]], net: LabNetwork) -> None:
+    """Boot cloud VMs ``(tenant, name)`` on ``net`` side by side. If one fails, or the
+    command is interrupted, the others are cancelled and this raises only once every start
+    has undone itself: ``gather`` would raise at the first, while the rest are still
+    booting or cleaning up, and the caller's cleanup would race them."""
+    tasks = [asyncio.ensure_future(host.cloud.start_cloud_vm(n, t, lab=net)) for t, n in vms]
+    if not tasks:
+        return
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: the first error is the one raised
+        raise
+
+
 async def lab_down(host: Host) -> list[str]:
     """Stop every guest and cloud VM and remove the lab network (this state directory's
     namespaces only: one another state directory owns stays); the namespaces removed."""

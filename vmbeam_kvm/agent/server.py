@@ -272,7 +272,7 @@ class Agent:
                           incoming=["defer"] if incoming else None,
                           ticks_to=(str(ticks_to[0]), int(ticks_to[1])) if ticks_to else None)
         try:
-            proc = await QemuProcess.launch(argv, qmp, qlog)
+            proc = await QemuProcess.launch(argv, qmp, qlog, pidfile=False)
         except VmbeamError:
             await self._unplug_tap(name)
             raise

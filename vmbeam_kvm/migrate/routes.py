@@ -38,7 +38,14 @@ from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
 from ..qemu.features import Guarantees, guarantees
 from ..qemu.machine import RAM_ID, MachineSpec, build_argv
-from ..qemu.process import QemuProcess, cpu_seconds, host_memory_bytes
+from ..qemu.process import (
+    QemuProcess,
+    cpu_seconds,
+    find_qemus,
+    host_memory_bytes,
+    kill_found,
+    pidfile_for,
+)
 from ..region import BeamRegion, read_identity_of, references
 from ..store import GuestRecord
 from . import faults
@@ -176,6 +183,13 @@ class LocalRoute(Route):
         for s in (self.main_sock, self.cpr_sock):
             with contextlib.suppress(FileNotFoundError):
                 s.unlink()
+        # Under the guest's lock, a QEMU on this instance's pidfile is a destination an
+        # earlier move launched and died (SIGKILL) before journaling: it would hold the
+        # pidfile (QEMU refuses a locked one) and run for nothing.
+        mine = pidfile_for(self.qmp_path)
+        for ref, pidfile in find_qemus(mine.parent):
+            if pidfile == mine and ref != self.src.ref:
+                kill_found(ref, pidfile)
         if self.cpr:
             chan = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix",
                                                     "path": str(self.cpr_sock)}}

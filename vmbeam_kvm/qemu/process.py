@@ -232,10 +232,13 @@ class QemuProcess:
     async def launch(cls, argv: Sequence[str], qmp_path: Path, log_path: Path, *,
                      pass_fds: Sequence[int] = (), connect: bool = True,
                      timeout: float = 20.0, netns: str | None = None,
-                     on_spawn: Callable[[QemuProcess], None] | None = None) -> QemuProcess:
+                     on_spawn: Callable[[QemuProcess], None] | None = None,
+                     pidfile: bool = True) -> QemuProcess:
         """Start QEMU detached from our session (it outlives us) and connect to its QMP.
 
-        QEMU writes its pid to :func:`pidfile_for` ``qmp_path``. ``on_spawn`` is called with
+        QEMU writes its pid to :func:`pidfile_for` ``qmp_path`` (unless ``pidfile`` is
+        false: the agent's L2s, whose names a stale copy may still hold, keep their own
+        books; QEMU refuses a pidfile another QEMU holds). ``on_spawn`` is called with
         the new process before anything is awaited, so that the caller can record what runs
         before waiting on it (an interrupted wait then leaves no QEMU the store cannot
         name). ``netns`` runs QEMU inside that network namespace (where its taps live).
@@ -248,11 +251,13 @@ class QemuProcess:
                 pr_netns.setns(netns, flags=0)
 
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        pidfile = pidfile_for(qmp_path)
-        for stale in (qmp_path, pidfile):
+        stale = [qmp_path]
+        if pidfile:
+            stale.append(pidfile_for(qmp_path))
+            argv = [*argv, "-pidfile", str(pidfile_for(qmp_path))]
+        for path in stale:
             with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-        argv = [*argv, "-pidfile", str(pidfile)]
+                path.unlink()
         with open(log_path, "ab") as log:
             log.write(f"# {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
             log.flush()
