@@ -30,6 +30,7 @@ from .checks import (
     CLOUD_VM_NAME_MAX,
     MIN_CLOUD_VM_MEMORY,
     MIN_MEMORY,
+    check_cpus,
     check_guest_memory,
     check_new_cloud_vm,
     check_new_guest,
@@ -177,7 +178,7 @@ class Host:
                         touch: int | str = 70, qemu: str | None = None,
                         backend: RamBackend = RamBackend.REGION,
                         cloud_vm: str | None = None,
-                        hugepages: bool = False) -> tuple[int, int, GuestImage]:
+                        hugepages: bool = False, cpus: int = 1) -> tuple[int, int, GuestImage]:
         """Every check :meth:`start_guest` makes before it writes or starts anything:
         returns (memory bytes, touch percent, image) or raises :class:`BadInputError`."""
         size = parse_size(memory)
@@ -189,6 +190,7 @@ class Host:
         if not isinstance(backend, RamBackend):
             raise BadInputError(f"unknown RAM backend {shown(backend)}")
         check_new_guest(self.store, name, size, in_cloud_vm=cloud_vm is not None)
+        check_cpus(cpus)
         if cloud_vm is None:
             qemu_path = self.settings.resolve_qemu(qemu)
             # Missing images, like the rest, are refused before anything is recorded.
@@ -242,30 +244,32 @@ class Host:
                           touch: int | str = 70, qemu: str | None = None,
                           backend: RamBackend = RamBackend.REGION,
                           cloud_vm: str | None = None, net: bool | None = None,
-                          hugepages: bool = False) -> Guest:
+                          hugepages: bool = False, cpus: int = 1) -> Guest:
         """Start a guest whose RAM is a new beam region; returns once QEMU answers QMP.
 
         With ``cloud_vm`` the guest runs inside that cloud VM (its region hot-plugged there;
         ``net`` gives it a NIC on the lab network, by default for Linux guests;
-        ``hugepages`` backs its region with the host's reserved huge pages). Raises
+        ``hugepages`` backs its region with the host's reserved huge pages; ``cpus`` is its
+        vCPU count, 1-64, in either topology). Raises
         BadInputError (nothing changed) or LaunchError (everything started is undone).
         """
         # All of it checked before anything is recorded, created or started.
         size, pct, img = self.check_new_guest(name, memory, image=image, touch=touch,
                                               qemu=qemu, backend=backend, cloud_vm=cloud_vm,
-                                              hugepages=hugepages)
+                                              hugepages=hugepages, cpus=cpus)
         if cloud_vm is not None:
             await self.cloud.start_guest(name, cloud_vm, size, image=image, touch=pct,
-                                         net=net)
+                                         net=net, cpus=cpus)
             return Guest(self, name)
         qemu_path = self.settings.resolve_qemu(qemu)
         accel = await resolve_accel(self.settings.accel, qemu_path, self.settings.images_dir,
                                     self.settings.state_dir)
         spec = MachineSpec(name, size, img, pct, accel, qemu_path, self.settings.images_dir,
-                           backend)
+                           backend, cpus=cpus)
         spec.boot_args()  # missing images are bad input: fail before recording anything
         rec = GuestRecord(name=name, image=img.value, memory=size, touch=pct, accel=accel,
-                          qemu=qemu_path, state=GuestState.STARTING, backend=backend.value)
+                          qemu=qemu_path, state=GuestState.STARTING, backend=backend.value,
+                          cpus=cpus)
         self.store.add_guest(rec)  # reserves the name atomically
         try:
             with self.store.lock_guest(name):

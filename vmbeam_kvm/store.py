@@ -81,6 +81,7 @@ class GuestRecord:
     cloud_vm: str = ""  # the cloud VM (L1) running the guest; "" when it runs on this host
     tenant: str = ""
     ip: str = ""        # the guest's address on the lab network (guests in cloud VMs)
+    cpus: int = 1       # vCPUs (-smp), the same on both ends of every move
 
 
 @dataclass
@@ -115,7 +116,8 @@ CREATE TABLE IF NOT EXISTS guests (
     name TEXT PRIMARY KEY, image TEXT, memory INTEGER, touch INTEGER, accel TEXT, qemu TEXT,
     state TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, serial_path TEXT,
     log_path TEXT, region_id TEXT, backend TEXT, instance INTEGER, created_at REAL,
-    cloud_vm TEXT DEFAULT '', tenant TEXT DEFAULT '', ip TEXT DEFAULT '');
+    cloud_vm TEXT DEFAULT '', tenant TEXT DEFAULT '', ip TEXT DEFAULT '',
+    cpus INTEGER DEFAULT 1);
 CREATE TABLE IF NOT EXISTS cloud_vms (
     name TEXT PRIMARY KEY, tenant TEXT, memory INTEGER, cpus INTEGER, state TEXT, lab TEXT,
     ip TEXT, tap TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, agent_path TEXT,
@@ -138,8 +140,10 @@ CREATE TABLE IF NOT EXISTS migrations (
 """
 
 # Columns added after the first release, for stores made before them.
-_ADDED_COLUMNS = {"guests": ("cloud_vm", "tenant", "ip"), "cloud_vms": ("accel",),
+_ADDED_COLUMNS = {"guests": ("cloud_vm", "tenant", "ip", "cpus"), "cloud_vms": ("accel",),
                   "migrations": ("src_cloud_vm", "dst_cloud_vm", "src_region", "dst_region")}
+# How an added column is declared where it is not text (a store made before it gets this).
+_ADDED_DECL = {"cpus": "INTEGER DEFAULT 1"}
 _NAME_MAX_BYTES = 255  # one path component (Linux NAME_MAX)
 
 
@@ -265,7 +269,8 @@ class Store:
                 if stmt.strip():
                     self._db.execute(stmt)
             for table, col in to_add:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT DEFAULT ''")
+                decl = _ADDED_DECL.get(col, "TEXT DEFAULT ''")
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
             self._db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one

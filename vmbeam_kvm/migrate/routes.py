@@ -425,6 +425,7 @@ class CloudRoute(Route):
         self.started = await self.dst_agent.start_guest(
             self.rec.name, memory=self.rec.memory, image=self.rec.image, touch=self.rec.touch,
             region_id=self.dst_region_id, incoming=True, ticks=self.src_ticks,
+            cpus=self.rec.cpus,
             ticks_to=self.ticks_to, **self.ops.nic_args(self.rec))
 
     def meter_address(self) -> tuple[str, str | None] | None:

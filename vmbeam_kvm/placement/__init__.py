@@ -43,6 +43,7 @@ class GuestStatus:
     # Another command holds the guest (a move in flight): its QEMU was not asked, so
     # run_state (and, in a cloud VM, the heartbeat) are unknown rather than waited for.
     busy: bool = False
+    cpus: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -43,7 +43,7 @@ class LocalPlacement:
         s = self.rt.settings
         return MachineSpec(rec.name, rec.memory, GuestImage(rec.image), rec.touch, rec.accel,
                            s.resolve_qemu(qemu or rec.qemu), s.images_dir,
-                           RamBackend(rec.backend))
+                           RamBackend(rec.backend), cpus=rec.cpus)
 
     def process(self, rec: GuestRecord) -> QemuProcess:
         """The QEMU process that currently runs ``rec`` (re-attached if needed)."""
@@ -98,7 +98,7 @@ class LocalPlacement:
             touch_percent=rec.touch, accel=rec.accel, pid=rec.pid, alive=alive,
             run_state=run_state, booted=serial.booted, ready=serial.ready, heartbeat=hb,
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
-            instance=rec.instance, serial_log=rec.serial_path, busy=busy)
+            instance=rec.instance, serial_log=rec.serial_path, busy=busy, cpus=rec.cpus)
 
     async def qmp(self, rec: GuestRecord, cmd: str, args: dict[str, Any] | None = None
                   ) -> Any:

@@ -49,6 +49,7 @@ class MachineSpec:
     # COM2, the tick port (:mod:`vmbeam_kvm.ticks`); False only for a guest whose QEMU was
     # started without one (an earlier release), since both ends must have the same devices.
     ticks: bool = True
+    cpus: int = 1  # vCPUs (-smp); both ends of a move must agree
 
     def boot_args(self) -> list[str]:
         if self.image is GuestImage.TEST:
@@ -107,6 +108,8 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
     ]
     if spec.ticks:
         argv += ["-chardev", chardev_arg(ticks_to), "-serial", f"chardev:{TICKS_CHARDEV}"]
+    if spec.cpus != 1:  # 1 is QEMU's default: older guests' argv stays as it was
+        argv += ["-smp", str(spec.cpus)]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
     if spec.nic is not None:
