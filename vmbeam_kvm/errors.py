@@ -91,6 +91,10 @@ class NetworkError(VmbeamError):
     """A lab network (namespace, bridge, tap) could not be built or changed."""
 
 
+class DiskError(VmbeamError):
+    """A disk operation failed (an overlay could not be made, a disk copy failed)."""
+
+
 class RegionError(VmbeamError):
     """A beam region is missing, malformed, or not the one expected."""
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from ..disks import Disk
 from ..errors import BadInputError
 from ..ticks import CHARDEV_ID as TICKS_CHARDEV
 from ..ticks import chardev_arg
@@ -50,6 +51,7 @@ class MachineSpec:
     # started without one (an earlier release), since both ends must have the same devices.
     ticks: bool = True
     cpus: int = 1  # vCPUs (-smp); both ends of a move must agree
+    disks: tuple[Disk, ...] = ()  # virtio-blk disks (vmbeam_kvm.disks), in this order
 
     def boot_args(self) -> list[str]:
         if self.image is GuestImage.TEST:
@@ -116,6 +118,8 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
         tap, mac = spec.nic
         argv += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
+    for disk in spec.disks:
+        argv += disk.blockdev_args()
     argv += spec.boot_args()
     for inc in incoming or []:
         argv += ["-incoming", inc]
