@@ -235,10 +235,12 @@ class AgentClient:
         waiting for a migration stream; ``ticks``: with a tick port, sending to
         ``ticks_to`` if given; ``cpus``: its -smp); raises AgentError (remote RegionError
         when the region is not mapped here or holds another size)."""
+        # cpus only when not 1: an agent started before --cpus existed still answers.
+        extra = {"cpus": cpus} if cpus != 1 else {}
         r = await self.call(Op.START_GUEST, name=name, memory=memory, image=image,
                             touch=touch, region_id=region_id, incoming=incoming, mac=mac,
                             ip=ip, ticks=ticks, ticks_to=list(ticks_to) if ticks_to else None,
-                            cpus=cpus)
+                            **extra)
         return L2Started(pid=int(r["pid"]), agent_pid=int(r["agent_pid"]),
                          region=dict(r["region"]))
 
