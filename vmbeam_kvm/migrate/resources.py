@@ -21,6 +21,8 @@ A disk moves one of two ways (README, "Disks"):
   At ``pre-switchover`` (guest stopped, device state not yet final) the mirror is completed
   without a pivot and disconnected, so nothing of the source writes the copy once the
   destination runs; its bytes are the mirror job's count.
+
+The QEMU facts this rests on (who holds which lock byte when) are in docs/design.md §10.
 """
 
 from __future__ import annotations
