@@ -486,6 +486,7 @@ def test_store_of_the_first_release_is_migrated(state_dir: Path) -> None:
     try:
         (rec,) = store.guests()
         assert (rec.name, rec.memory, rec.cloud_vm, rec.tenant) == ("old", 64 << 20, "", "")
+        assert rec.cpus == 1  # guests of earlier releases had one vCPU
         assert store.migrations("old")[0].src_cloud_vm == ""
         assert store.cloud_vms() == [] and store.regions() == []
     finally:

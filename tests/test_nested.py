@@ -232,6 +232,24 @@ async def test_two_guests_into_one_cloud_vm_at_once(lab: dict[str, Any]) -> None
     assert cli(lab, "region", "list") == []
 
 
+async def test_two_vcpu_guest_moves_with_its_vcpus(lab: dict[str, Any]) -> None:
+    """``--cpus 2`` reaches the L2 QEMU through the agent, and the incoming L2 in the
+    destination cloud VM gets the same -smp (a 1-vCPU TCG cloud VM runs it all the same)."""
+    async with Host(settings_of(lab)) as host:
+        rec = await host.cloud.start_guest("smp2", "l1a", "64M", touch=50, cpus=2)
+        try:
+            assert await host.cloud.wait_heartbeat(rec, timeout=120)
+            assert len(await host.cloud.qmp(rec, "query-cpus-fast")) == 2
+            res = await host.cloud.migrate("smp2", "l1b")
+            assert res.guest_ok and res.ram_transferred_bytes < MiB
+            rec = host.store.get_guest("smp2")
+            assert rec.cloud_vm == "l1b" and rec.cpus == 2
+            assert len(await host.cloud.qmp(rec, "query-cpus-fast")) == 2
+            assert (await host.status("smp2")).cpus == 2
+        finally:
+            await host.stop_guest("smp2")
+
+
 # -- patched QEMU (README "Patched QEMU"): run against stock QEMU these report the
 # -- guarantee as missing (xfail) instead of passing or skipping silently.
 async def _guarantees_of(host: Host, vm: str) -> Guarantees:

@@ -30,6 +30,13 @@ MAX_SOCKET_PATH = 107
 INSTANCE_DIGITS = 6
 
 
+def check_cpus(cpus: object) -> int:
+    """A vCPU count (1..MAX_CPUS), or :class:`BadInputError`."""
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
+        raise BadInputError(f"invalid CPU count {shown(cpus)}: use 1-{MAX_CPUS}")
+    return cpus
+
+
 def mem_available() -> int:
     """Host memory available for new guests (MemAvailable), in bytes."""
     with open("/proc/meminfo") as f:
@@ -102,8 +109,7 @@ def check_new_cloud_vm(store: Store, name: str, tenant: str, memory: int | str, 
         raise BadInputError("a cloud VM needs a tenant")
     check_name(tenant, "tenant")
     size = check_size(memory, MIN_CLOUD_VM_MEMORY, "cloud VM memory")
-    if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
-        raise BadInputError(f"invalid CPU count {shown(cpus)}: use 1-{MAX_CPUS}")
+    check_cpus(cpus)
     if lab is not None:
         check_lab_network(lab.ns, lab.subnet)
     check_socket_path(store.state_dir / "cloudvms" / name / "agent.sock")

@@ -247,6 +247,13 @@ def guest() -> None:
               help="NIC on the lab network (cloud VMs; default: for Linux guests).")
 @click.option("--hugepages", is_flag=True,
               help="Back the guest's region with the host's reserved huge pages.")
+@click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="vCPUs of the guest (either topology).")
+@click.option("--disk", "disks", multiple=True, metavar="PATH",
+              help="A qcow2 or raw file on this host as a virtio disk (repeatable); the guest "
+              "writes a qcow2 overlay in its state dir, the file stays unchanged.")
+@click.option("--disk-in-place", is_flag=True,
+              help="The guest writes its --disk files themselves (no overlay).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the guest's first heartbeat.")
 @json_option
@@ -254,7 +261,8 @@ def guest() -> None:
 @command
 async def guest_start(ctx: click.Context, name: str, memory: str, image: str, touch: str,
                       qemu: str | None, cloud_vm: str | None, net: bool | None,
-                      hugepages: bool, wait: bool, as_json: bool) -> None:
+                      hugepages: bool, cpus: int, disks: tuple[str, ...], disk_in_place: bool,
+                      wait: bool, as_json: bool) -> None:
     """Start guest NAME with its RAM in a new beam region."""
     # What needs no store is refused before the state directory is touched.
     check_name(name)
@@ -262,12 +270,14 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
     parse_percent(touch)
     async with Host(_settings(ctx)) as host:
         host.check_new_guest(name, memory, image=image, touch=touch, qemu=qemu,
-                             cloud_vm=cloud_vm, hugepages=hugepages)
+                             cloud_vm=cloud_vm, hugepages=hugepages, cpus=cpus, disks=disks,
+                             disk_in_place=disk_in_place)
         where = f" in cloud VM {cloud_vm}" if cloud_vm else ""
-        _progress(f"starting guest {name}{where} ({memory}, image {image}, touch {touch})")
+        _progress(f"starting guest {name}{where} ({memory}, {cpus} vCPU"
+                  f"{'s' if cpus > 1 else ''}, image {image}, touch {touch})")
         if cloud_vm:
             rec = await host.cloud.start_guest(name, cloud_vm, memory, image=image,
-                                               touch=touch, net=net)
+                                               touch=touch, net=net, cpus=cpus)
             try:
                 if wait and await host.cloud.wait_heartbeat(rec, timeout=1200) is None:
                     raise LaunchError(f"guest {name!r} sent no heartbeat in {cloud_vm}")
@@ -278,7 +288,8 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
             _emit(as_json, st.to_json(), f"guest {name} running in {cloud_vm}")
             return
         g = await host.start_guest(name, memory, image=image, touch=touch, qemu=qemu,
-                                   hugepages=hugepages)
+                                   hugepages=hugepages, cpus=cpus, disks=disks,
+                                   disk_in_place=disk_in_place)
         if wait:
             timeout = 120 + 30 * parse_size(memory) / (1 << 30) + (240 if image == "linux"
                                                                    else 0)
@@ -319,10 +330,12 @@ async def guest_status(ctx: click.Context, name: str, as_json: bool) -> None:
     hb = s.heartbeat
     verdict = "unknown" if s.memory_ok is None else ("good" if s.memory_ok else "CORRUPT")
     human = (f"guest {s.name}: {s.state} (QEMU pid {s.pid}, {s.run_state or 'not running'})\n"
-             f"  memory {format_size(s.memory_bytes)}, image {s.image}, touch "
+             f"  memory {format_size(s.memory_bytes)}, {s.cpus} vCPU(s), image {s.image}, touch "
              f"{s.touch_percent}%, accel {s.accel}, region {s.region_id or '-'}\n"
              f"  heartbeat {'seq ' + str(hb.seq) + ', round ' + str(hb.round) if hb else '-'}"
-             f", memory verdict {verdict}")
+             f", memory verdict {verdict}"
+             + "".join(f"\n  {d['id']} ({d['serial']}): {d['path']} {d['format']}, {d['mode']}"
+                       + (f" over {d['backing']}" if d["backing"] else "") for d in s.disks))
     _emit(as_json, s.to_json(), human)
 
 

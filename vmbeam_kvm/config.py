@@ -162,6 +162,7 @@ PRECOPY_MAX_BANDWIDTH = 64 << 30
 # state; precopy gets a base plus a share per GiB of guest RAM.
 HANDOVER_TIMEOUT = {"local": 30.0, "cloud-vm": 60.0}
 PRECOPY_TIMEOUT = {"local": (60.0, 30.0), "cloud-vm": (120.0, 120.0)}  # (base, per GiB)
+DISK_MIRROR_TIMEOUT = 300.0  # a precopy's disk mirror: until in step, and to finish
 # After the source completed: how long the destination may take to report `running`.
 CONFIRM_TIMEOUT = 30.0
 # Crash recovery: how long a destination seen `inmigrate` may take to settle.

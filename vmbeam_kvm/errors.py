@@ -125,6 +125,10 @@ class LabDamagedError(BadInputError):
         self.problems = problems
 
 
+class DiskError(VmbeamError):
+    """A disk operation failed (an overlay could not be made, a disk copy failed)."""
+
+
 class RegionError(VmbeamError):
     """A beam region is missing, malformed, or not the one expected."""
 

@@ -22,14 +22,18 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from . import disks as disk_files
 from .accel import AccelVerdict, resolve_accel, verdict
 from .checks import (
     CLOUD_VM_NAME_MAX,
     MIN_CLOUD_VM_MEMORY,
     MIN_MEMORY,
+    check_cpus,
     check_guest_memory,
     check_movable,
     check_new_cloud_vm,
@@ -186,7 +190,9 @@ class Host:
                         touch: int | str = 70, qemu: str | None = None,
                         backend: RamBackend = RamBackend.REGION,
                         cloud_vm: str | None = None,
-                        hugepages: bool = False) -> tuple[int, int, GuestImage]:
+                        hugepages: bool = False, cpus: int = 1,
+                        disks: list[str] | tuple[str, ...] = (),
+                        disk_in_place: bool = False) -> tuple[int, int, GuestImage]:
         """Every check :meth:`start_guest` makes before it writes or starts anything:
         returns (memory bytes, touch percent, image) or raises :class:`BadInputError`."""
         size = parse_size(memory)
@@ -198,6 +204,11 @@ class Host:
         if not isinstance(backend, RamBackend):
             raise BadInputError(f"unknown RAM backend {shown(backend)}")
         check_new_guest(self.store, name, size, in_cloud_vm=cloud_vm is not None)
+        check_cpus(cpus)
+        if disks and cloud_vm is not None:
+            raise BadInputError("disks apply to guests on this host (a guest in a cloud VM "
+                                "has none yet)")
+        self.check_disks(disks, in_place=disk_in_place)
         if cloud_vm is None:
             qemu_path = self.settings.resolve_qemu(qemu)
             # Missing images, like the rest, are refused before anything is recorded.
@@ -224,6 +235,16 @@ class Host:
             raise BadInputError(f"cloud VM {cloud_vm!r} has no free hot-plug slot (it holds "
                                 f"{ROOT_PORTS} regions)")
         return size, pct, img
+
+    def check_disks(self, paths: list[str] | tuple[str, ...], *, in_place: bool = False
+                    ) -> list[tuple[Path, str, bool]]:
+        """Refuse a new guest's disks (missing, unknown format, in use); returns them
+        checked (absolute path, format, O_DIRECT)."""
+        if not isinstance(paths, list | tuple):
+            raise BadInputError(f"disks must be a list of paths, not {shown(paths)}")
+        taken = {d.user_file: (r.name, d.mode == disk_files.DiskMode.IN_PLACE)
+                 for r in self.store.guests() for d in disk_files.loads(r.disks)}
+        return disk_files.check_disks(list(paths), in_place=in_place, taken=taken)
 
     def _cloud_vm(self, name: str) -> CloudVMRecord:
         if not isinstance(name, str):
@@ -253,33 +274,46 @@ class Host:
                           touch: int | str = 70, qemu: str | None = None,
                           backend: RamBackend = RamBackend.REGION,
                           cloud_vm: str | None = None, net: bool | None = None,
-                          hugepages: bool = False) -> Guest:
+                          hugepages: bool = False, cpus: int = 1,
+                          disks: list[str] | tuple[str, ...] = (),
+                          disk_in_place: bool = False) -> Guest:
         """Start a guest whose RAM is a new beam region; returns once QEMU answers QMP.
 
         With ``cloud_vm`` the guest runs inside that cloud VM (its region hot-plugged there;
         ``net`` gives it a NIC on the lab network, by default for Linux guests;
-        ``hugepages`` backs its region with the host's reserved huge pages). Raises
+        ``hugepages`` backs its region with the host's reserved huge pages; ``cpus`` is its
+        vCPU count, 1-64, in either topology; ``disks`` are qcow2/raw files on this host,
+        each behind a qcow2 overlay in the guest's state directory unless
+        ``disk_in_place``: see :mod:`vmbeam_kvm.disks`). Raises
         BadInputError (nothing changed) or LaunchError (everything started is undone).
         """
         # All of it checked before anything is recorded, created or started.
         size, pct, img = self.check_new_guest(name, memory, image=image, touch=touch,
                                               qemu=qemu, backend=backend, cloud_vm=cloud_vm,
-                                              hugepages=hugepages)
+                                              hugepages=hugepages, cpus=cpus, disks=disks,
+                                              disk_in_place=disk_in_place)
         if cloud_vm is not None:
             await self.cloud.start_guest(name, cloud_vm, size, image=image, touch=pct,
-                                         net=net)
+                                         net=net, cpus=cpus)
             return Guest(self, name)
         qemu_path = self.settings.resolve_qemu(qemu)
         accel = await resolve_accel(self.settings.accel, qemu_path, self.settings.images_dir,
                                     self.settings.state_dir)
         spec = MachineSpec(name, size, img, pct, accel, qemu_path, self.settings.images_dir,
-                           backend)
+                           backend, cpus=cpus)
         spec.boot_args()  # missing images are bad input: fail before recording anything
         rec = GuestRecord(name=name, image=img.value, memory=size, touch=pct, accel=accel,
-                          qemu=qemu_path, state=GuestState.STARTING, backend=backend.value)
+                          qemu=qemu_path, state=GuestState.STARTING, backend=backend.value,
+                          cpus=cpus)
+        checked = self.check_disks(disks, in_place=disk_in_place)
         self.store.add_guest(rec)  # reserves the name atomically
         try:
             with self.store.lock_guest(name):
+                if checked:
+                    made = disk_files.new_disks(self.store.guest_dir(name), checked,
+                                                in_place=disk_in_place)
+                    rec.disks = disk_files.dumps(made)
+                    spec = replace(spec, disks=made)
                 await self.local.start(rec, spec, huge=hugepages)
         except BaseException:
             kill_strays(self.store.guest_dir(name))  # its directory goes: nothing may run there
@@ -401,6 +435,8 @@ class Host:
         if (opts.mode is MigrationMode.CPR_TRANSFER) != (backend is RamBackend.MEMFD):
             raise BadInputError(f"mode {opts.mode.value} does not fit guest {name!r} (RAM "
                                 f"backend {backend.value}); cpr-transfer needs a memfd guest")
+        if opts.mode is MigrationMode.PRECOPY:
+            disk_files.check_copy(name, disk_files.loads(rec.disks))
         if opts.qemu is not None:
             self.settings.resolve_qemu(opts.qemu)
         check_tail_window(opts.tail_window)

@@ -89,6 +89,8 @@ class GuestRecord:
     cloud_vm: str = ""  # the cloud VM (L1) running the guest; "" when it runs on this host
     tenant: str = ""
     ip: str = ""        # the guest's address on the lab network (guests in cloud VMs)
+    cpus: int = 1       # vCPUs (-smp), the same on both ends of every move
+    disks: str = ""     # its disks, JSON (vmbeam_kvm.disks.dumps); "" or "[]": none
 
 
 @dataclass
@@ -112,6 +114,7 @@ class MigrationRecord:
     dst_cloud_vm: str = ""
     src_region: str = ""
     dst_region: str = ""
+    dst_disks: str = ""  # the destination's disks (vmbeam_kvm.disks.dumps), if any
     started_at: float = 0.0
     ended_at: float = 0.0
     error: str = ""
@@ -123,7 +126,8 @@ CREATE TABLE IF NOT EXISTS guests (
     name TEXT PRIMARY KEY, image TEXT, memory INTEGER, touch INTEGER, accel TEXT, qemu TEXT,
     state TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, serial_path TEXT,
     log_path TEXT, region_id TEXT, backend TEXT, instance INTEGER, created_at REAL,
-    cloud_vm TEXT DEFAULT '', tenant TEXT DEFAULT '', ip TEXT DEFAULT '');
+    cloud_vm TEXT DEFAULT '', tenant TEXT DEFAULT '', ip TEXT DEFAULT '',
+    cpus INTEGER DEFAULT 1, disks TEXT DEFAULT '');
 CREATE TABLE IF NOT EXISTS cloud_vms (
     name TEXT PRIMARY KEY, tenant TEXT, memory INTEGER, cpus INTEGER, state TEXT, lab TEXT,
     ip TEXT, tap TEXT, pid INTEGER, pid_start INTEGER, qmp_path TEXT, agent_path TEXT,
@@ -142,12 +146,16 @@ CREATE TABLE IF NOT EXISTS migrations (
     src_pid INTEGER, src_start INTEGER, dst_pid INTEGER, dst_start INTEGER, dst_qmp TEXT,
     dst_serial TEXT, dst_log TEXT, dst_instance INTEGER, started_at REAL, ended_at REAL,
     error TEXT, result TEXT, src_cloud_vm TEXT DEFAULT '', dst_cloud_vm TEXT DEFAULT '',
-    src_region TEXT DEFAULT '', dst_region TEXT DEFAULT '');
+    src_region TEXT DEFAULT '', dst_region TEXT DEFAULT '', dst_disks TEXT DEFAULT '');
 """
 
 # Columns added after the first release, for stores made before them.
-_ADDED_COLUMNS = {"guests": ("cloud_vm", "tenant", "ip"), "cloud_vms": ("accel",),
-                  "migrations": ("src_cloud_vm", "dst_cloud_vm", "src_region", "dst_region")}
+_ADDED_COLUMNS = {"guests": ("cloud_vm", "tenant", "ip", "cpus", "disks"),
+                  "cloud_vms": ("accel",),
+                  "migrations": ("src_cloud_vm", "dst_cloud_vm", "src_region", "dst_region",
+                                 "dst_disks")}
+# How an added column is declared where it is not text (a store made before it gets this).
+_ADDED_DECL = {"cpus": "INTEGER DEFAULT 1"}
 _NAME_MAX_BYTES = 255  # one path component (Linux NAME_MAX)
 
 
@@ -273,7 +281,8 @@ class Store:
                 if stmt.strip():
                     self._db.execute(stmt)
             for table, col in to_add:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} TEXT DEFAULT ''")
+                decl = _ADDED_DECL.get(col, "TEXT DEFAULT ''")
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
             self._db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one

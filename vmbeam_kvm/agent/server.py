@@ -248,7 +248,8 @@ class Agent:
     async def op_start_guest(self, name: str, memory: int, image: str, touch: int,
                              region_id: str, incoming: bool = False, mac: str = "",
                              ip: str = "", ticks: bool = True,
-                             ticks_to: list[Any] | None = None) -> dict[str, Any]:
+                             ticks_to: list[Any] | None = None, cpus: int = 1
+                             ) -> dict[str, Any]:
         if name in self.guests and self.guests[name].proc.alive():
             raise BadInputError(f"guest {name!r} already runs in this cloud VM")
         region = await self._find_region(region_id)
@@ -266,7 +267,7 @@ class Agent:
             await self._plug_tap(self._tap(name))
             nic = (self._tap(name), mac)
         spec = MachineSpec(name, memory, GuestImage(image), touch, self.accel, self.qemu,
-                           self.images_dir, nic=nic, guest_ip=ip, ticks=ticks)
+                           self.images_dir, nic=nic, guest_ip=ip, ticks=ticks, cpus=int(cpus))
         argv = build_argv(spec, qmp_path=qmp, serial_path=serial, ram_path="/dev/mem",
                           ram_offset=region.bar_start,
                           incoming=["defer"] if incoming else None,

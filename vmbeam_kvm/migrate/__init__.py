@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 
 from ..checks import check_movable, check_tail_window
+from ..disks import check_copy
 from ..errors import BadInputError
 from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
@@ -82,6 +83,8 @@ async def migrate_local(place: LocalPlacement, name: str, opts: MigrationOptions
             raise BadInputError(f"mode {opts.mode.value} does not fit guest {name!r} (RAM "
                                 f"backend {backend.value}); cpr-transfer needs a memfd guest")
         spec = place.spec_of(rec, opts.qemu)
+        if opts.mode is MigrationMode.PRECOPY:
+            check_copy(name, spec.disks)
         run_state = await src.run_state()
         if run_state != "running":
             raise BadInputError(f"guest {name!r} is {run_state}, not running")

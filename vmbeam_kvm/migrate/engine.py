@@ -88,6 +88,14 @@ class Route(ABC):
         """A destination process the handover wait can watch directly, if any."""
         return None
 
+    # Resources that copy (:mod:`.resources`) need the source stopped at pre-switchover.
+    pauses_at_switchover = False
+
+    async def at_switchover(self) -> None:
+        """The source stopped at pre-switchover: finish what must be final before device
+        state is (a disk copy), then let it continue."""
+        return None
+
     # -- the guest's ticks (vmbeam_kvm.ticks) -------------------------------------------------
     ticks_to: tuple[str, int] | None = None  # where the destination sends them (its argv)
     src_ticks = True  # the source QEMU has a tick port (so the destination gets one too)
@@ -345,7 +353,10 @@ class MigrationRun:
                 raise Rollback(f"the source did not start the switch: {exc}") from exc
             info = await wait_for_handover(route.src_qmp, self._handover_timeout(),
                                            dst=route.dest_watch(), poll=route.poll,
-                                           on_info=self._on_info)
+                                           on_info=self._on_info,
+                                           on_switchover=(route.at_switchover
+                                                          if route.pauses_at_switchover
+                                                          else None))
             route.switched_at = time.monotonic()
             faults.crash_point(MigrationPhase.SWITCH)
             if hooks.after_switch is not None:

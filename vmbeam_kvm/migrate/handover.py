@@ -33,13 +33,16 @@ class DestWatch(Protocol):
 
 async def wait_for_handover(execute: QMPExecute, timeout: float, *,
                             dst: DestWatch | None = None, poll: float = 0.001,
-                            on_info: Callable[[dict[str, Any]], None] | None = None
+                            on_info: Callable[[dict[str, Any]], None] | None = None,
+                            on_switchover: Callable[[], Awaitable[None]] | None = None
                             ) -> dict[str, Any]:
     """Poll the source (through ``execute``) until its migration completes; return its
     final ``query-migrate``. Raises :class:`Rollback` when it fails, times out, or ``dst``
     (a watch on a destination QEMU of this host, when there is one) dies; the migration is
     cancelled first where the source would not stop by itself. ``on_info`` sees every
-    ``query-migrate`` answer (progress)."""
+    ``query-migrate`` answer (progress). ``on_switchover`` runs once when the source
+    stops at ``pre-switchover`` (capability ``pause-before-switchover``, set only with it):
+    it must let the migration continue; its VmbeamError cancels the move (Rollback)."""
     start = time.monotonic()
     dst_dead_at: float | None = None
     delay = poll
@@ -53,6 +56,14 @@ async def wait_for_handover(execute: QMPExecute, timeout: float, *,
             on_info(info)
         if status == "completed":
             return info
+        if status == "pre-switchover" and on_switchover is not None:
+            hook, on_switchover = on_switchover, None
+            try:
+                await hook()
+            except VmbeamError as exc:
+                await _cancel(execute)
+                raise Rollback(f"at the switchover: {exc}") from exc
+            continue
         if status in ("failed", "cancelled"):
             why = info.get("error-desc", status)
             if dst is not None and await dies_within(dst, 1.0):

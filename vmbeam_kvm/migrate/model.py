@@ -126,6 +126,9 @@ class MigrationResult:
     mode_reason: str | None = None
     pause_ms: float | None = None             # the longest gap around the switch
     post_switch_slowdown: float | None = None  # work rate after / before (tail_window)
+    # The guest's disks (guests on this host): each {id, mode shared|copied, bytes_copied}.
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    disk_bytes_copied: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

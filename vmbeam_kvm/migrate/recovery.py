@@ -271,6 +271,8 @@ class LocalEnds(Ends):
         rec = self.rec
         rec.pid, rec.pid_start, rec.instance = mig.dst_pid, mig.dst_start, mig.dst_instance
         rec.qmp_path, rec.serial_path, rec.log_path = mig.dst_qmp, mig.dst_serial, mig.dst_log
+        if mig.dst_disks:
+            rec.disks = mig.dst_disks  # the files the destination opened (a copy's overlay)
         if mig.mode == MigrationMode.PRECOPY.value and self.dst is not None:
             with contextlib.suppress(VmbeamError):
                 rec.region_id = read_identity_of(self.dst.pid, await ram_fd_of(self.dst)

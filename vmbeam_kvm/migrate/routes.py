@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import disks as disk_files
 from ..agent.protocol import L2Started
 from ..cloudvm import CloudVMRecord
 from ..config import (
@@ -52,6 +53,7 @@ from . import faults
 from .engine import Party, Route
 from .handover import DestWatch, dies_within
 from .model import MigrationMode, MigrationOptions, MigrationResult
+from .resources import DiskResource, NbdServer, Resource
 
 
 async def ram_fd_of(qmp: Any) -> int:
@@ -130,6 +132,19 @@ class LocalRoute(Route):
         self._cpu0 = 0.0
         self.cpu = 0.0
         self.frames: FrameComparison | None = None
+        # The guest's disks take part through the phase hooks (.resources): shared by
+        # zero-copy and cpr-transfer, copied (NBD + mirror) by precopy.
+        self.nbd = NbdServer(self.dst_qmp, gdir / f"nbd-{self.inst}.sock")
+        copied = opts.mode is MigrationMode.PRECOPY
+        self.resources: list[Resource] = []
+        self.disks: list[DiskResource] = []
+        for disk in spec.disks:
+            res = DiskResource(disk, copied=copied, src_qmp=self.src_qmp,
+                               dst_qmp=self.dst_qmp, nbd=self.nbd,
+                               dest_path=gdir / f"disk{disk.index}-{self.inst}.qcow2")
+            self.disks.append(res)
+            self.resources.append(res)
+        self.pauses_at_switchover = any(r.copies for r in self.resources)
 
     @property
     def cpr(self) -> bool:
@@ -156,6 +171,7 @@ class LocalRoute(Route):
     # ---- SHARE: the source's region, or a fresh one for precopy ---------------------------
     async def share(self) -> None:
         if self.cpr:
+            await self._share_resources()
             return  # QEMU's own memfd travels over the cpr channel
         self.src_region = BeamRegion.open_from_process(
             self.src.pid, await ram_fd_of(self.src), self.rec.region_id)
@@ -171,12 +187,18 @@ class LocalRoute(Route):
             raise RegionError("this kernel cannot prefault the region without touching "
                               "its contents (no MADV_POPULATE_WRITE): move without "
                               "--prefault")
+        await self._share_resources()
+
+    async def _share_resources(self) -> None:
+        for res in self.resources:
+            await res.share()
 
     def meter_address(self) -> tuple[str, str | None] | None:
         return "127.0.0.1", None
 
     def _spec(self) -> MachineSpec:
-        return dataclasses.replace(self.spec, ticks=self.src_ticks)
+        return dataclasses.replace(self.spec, ticks=self.src_ticks,
+                                   disks=tuple(d.dest for d in self.disks))
 
     # ---- PREPARE: the destination QEMU, waiting for its stream ----------------------------
     async def launch(self) -> None:
@@ -207,7 +229,8 @@ class LocalRoute(Route):
         self.sampler.procs.append(self.dst)
         self.note(dst_pid=self.dst.pid, dst_start=self.dst.ref.start_time,
                   dst_qmp=str(self.qmp_path), dst_serial=str(self.serial),
-                  dst_log=str(self.qlog), dst_instance=self.inst)
+                  dst_log=str(self.qlog), dst_instance=self.inst,
+                  dst_disks=disk_files.dumps([d.dest for d in self.disks]))
 
     async def verify(self) -> None:
         assert self.dst is not None
@@ -247,11 +270,22 @@ class LocalRoute(Route):
             return
         await super().configure(src, dst)
 
+    async def tune(self, src: Party, dst: Party) -> None:
+        # Set every time (a QEMU keeps what its last migration was given).
+        src.caps["pause-before-switchover"] = self.pauses_at_switchover
+
     async def listen(self) -> str:
         uri = f"unix:{self.main_sock}"
+        for res in self.resources:
+            await res.prepare()  # copied disks: mirrored until in step
         if not self.cpr:
             await self.dst_qmp("migrate-incoming", {"uri": uri})
         return uri
+
+    async def at_switchover(self) -> None:
+        for res in self.resources:
+            await res.switch()
+        await self.src_qmp("migrate-continue", {"state": "pre-switchover"})
 
     # ---- SWITCH ------------------------------------------------------------------------------
     async def switch(self, uri: str) -> None:
@@ -294,6 +328,7 @@ class LocalRoute(Route):
         if self.dst_region is not None:
             rec.region_id = self.dst_region.region_id
         rec.qemu = self.spec.qemu
+        rec.disks = disk_files.dumps([d.dest for d in self.disks])
 
     async def relocate(self) -> None:
         assert self.dst is not None
@@ -301,8 +336,13 @@ class LocalRoute(Route):
             self.frames = await asyncio.to_thread(self._compare, self.src.pid, self.dst.pid)
         self.sampler.sample()
         await self.sampler.stop()
+        for res in self.resources:
+            await res.confirm()
+        await self.nbd.stop()
         await self.src.quit()
         self.place.rt.procs.forget(self.src)
+        for res in self.resources:
+            await res.relocate()
 
     def _compare(self, pid_a: int, pid_b: int) -> FrameComparison | None:
         try:
@@ -323,12 +363,17 @@ class LocalRoute(Route):
         _fill_frames(result, self.frames)
         result.peak_qemu_memory_bytes = self.sampler.peak
         result.qemu_cpu_seconds = round(self.cpu, 3)
+        result.disks = [r.report() for r in self.resources]
+        result.disk_bytes_copied = sum(int(d["bytes_copied"]) for d in result.disks)
 
     # ---- rollback ----------------------------------------------------------------------------
     async def drop_dest(self) -> None:
         if self.dst is not None:
             self.dst.kill()
             self.place.rt.procs.forget(self.dst)
+        for res in self.resources:
+            await res.rollback()
+        await self.nbd.stop()
 
     async def source_alive(self) -> tuple[bool, str]:
         if self.src.alive():
@@ -465,6 +510,7 @@ class CloudRoute(Route):
         self.started = await self.dst_agent.start_guest(
             self.rec.name, memory=self.rec.memory, image=self.rec.image, touch=self.rec.touch,
             region_id=self.dst_region_id, incoming=True, ticks=self.src_ticks,
+            cpus=self.rec.cpus,
             ticks_to=self.ticks_to, **self.ops.nic_args(self.rec))
 
     def meter_address(self) -> tuple[str, str | None] | None:

@@ -9,7 +9,7 @@ a placement's steps for the topology-specific phases.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from ..heartbeat import Heartbeat
@@ -43,6 +43,8 @@ class GuestStatus:
     # Another command holds the guest (a move in flight): its QEMU was not asked, so
     # run_state (and, in a cloud VM, the heartbeat) are unknown rather than waited for.
     busy: bool = False
+    cpus: int = 1
+    disks: list[dict[str, Any]] = field(default_factory=list)  # Disk.to_json of each
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..agent.protocol import GONE, AgentClient, L2Status
-from ..checks import check_new_guest
+from ..checks import check_cpus, check_new_guest
 from ..cloudvm import (
     CLOUD_VM_CPUS,
     CloudVMRecord,
@@ -334,7 +334,7 @@ class CloudOps:
 
     async def start_guest(self, name: str, cloud_vm: str, memory: int | str, *,
                           image: str = "test", touch: int | str = 70,
-                          net: bool | None = None) -> GuestRecord:
+                          net: bool | None = None, cpus: int = 1) -> GuestRecord:
         """Create the guest's region on L0, attach it to ``cloud_vm``, start the L2 there.
 
         ``net`` gives the guest a NIC on the lab network (default: for Linux guests).
@@ -345,18 +345,19 @@ class CloudOps:
         if image not in ("test", "linux"):
             raise BadInputError(f"unknown image {image!r}: use test or linux")
         check_new_guest(self.store, name, size, in_cloud_vm=True)
+        check_cpus(cpus)
         self.running_vm(cloud_vm)
         # Shared with moves, refused while it is stopped or started: a cloud VM never goes
         # away beneath a guest starting in it.
         with self.store.lock_cloud_vm(cloud_vm, shared=True):
             return await self._start_guest(name, self.running_vm(cloud_vm), size, pct,
-                                           image, net)
+                                           image, net, cpus)
 
     async def _start_guest(self, name: str, vm: CloudVMRecord, size: int, pct: int,
-                           image: str, net: bool | None) -> GuestRecord:
+                           image: str, net: bool | None, cpus: int) -> GuestRecord:
         rec = GuestRecord(name=name, image=image, memory=size, touch=pct, accel="tcg",
                           qemu="qemu-system-x86_64", state=GuestState.STARTING,
-                          cloud_vm=vm.name, tenant=vm.tenant)
+                          cloud_vm=vm.name, tenant=vm.tenant, cpus=cpus)
         if (image == "linux" if net is None else net) and vm.lab:
             rec.ip = self._guest_ip(vm)
         self.store.add_guest(rec)
@@ -370,7 +371,7 @@ class CloudOps:
                 await self.agent(vm).stop_guest(name, kill=True)
                 started = await self.agent(vm).start_guest(
                     name, memory=size, image=image, touch=pct, region_id=reg.region_id,
-                    **self.nic_args(rec))
+                    cpus=cpus, **self.nic_args(rec))
                 rec.pid, rec.state = started.pid, GuestState.RUNNING
                 self.store.update_guest(rec)
                 return rec
@@ -454,6 +455,7 @@ class CloudOps:
             booted=hb is not None, ready=hb is not None, heartbeat=hb,
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
             instance=rec.instance, serial_log="", cloud_vm=rec.cloud_vm, tenant=rec.tenant,
+            cpus=rec.cpus,
             ip=rec.ip, busy=busy)
 
     async def stop(self, rec: GuestRecord) -> None:

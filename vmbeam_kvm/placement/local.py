@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .. import disks
 from ..checks import MAX_SOCKET_PATH
 from ..errors import BadInputError, QMPCommandError
 from ..heartbeat import Heartbeat, SerialStatus, read_status, wait_for_heartbeat
@@ -43,7 +44,7 @@ class LocalPlacement:
         s = self.rt.settings
         return MachineSpec(rec.name, rec.memory, GuestImage(rec.image), rec.touch, rec.accel,
                            s.resolve_qemu(qemu or rec.qemu), s.images_dir,
-                           RamBackend(rec.backend))
+                           RamBackend(rec.backend), cpus=rec.cpus, disks=disks.loads(rec.disks))
 
     def process(self, rec: GuestRecord) -> QemuProcess:
         """The QEMU process that currently runs ``rec`` (re-attached if needed)."""
@@ -111,7 +112,8 @@ class LocalPlacement:
             touch_percent=rec.touch, accel=rec.accel, pid=rec.pid, alive=alive,
             run_state=run_state, booted=serial.booted, ready=serial.ready, heartbeat=hb,
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
-            instance=rec.instance, serial_log=rec.serial_path, busy=busy)
+            instance=rec.instance, serial_log=rec.serial_path, busy=busy, cpus=rec.cpus,
+            disks=[d.to_json() for d in disks.loads(rec.disks)])
 
     async def qmp(self, rec: GuestRecord, cmd: str, args: dict[str, Any] | None = None
                   ) -> Any:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from ..disks import Disk
 from ..errors import BadInputError
 from ..ticks import CHARDEV_ID as TICKS_CHARDEV
 from ..ticks import chardev_arg
@@ -49,6 +50,8 @@ class MachineSpec:
     # COM2, the tick port (:mod:`vmbeam_kvm.ticks`); False only for a guest whose QEMU was
     # started without one (an earlier release), since both ends must have the same devices.
     ticks: bool = True
+    cpus: int = 1  # vCPUs (-smp); both ends of a move must agree
+    disks: tuple[Disk, ...] = ()  # virtio-blk disks (vmbeam_kvm.disks), in this order
 
     def boot_args(self) -> list[str]:
         if self.image is GuestImage.TEST:
@@ -107,12 +110,16 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
     ]
     if spec.ticks:
         argv += ["-chardev", chardev_arg(ticks_to), "-serial", f"chardev:{TICKS_CHARDEV}"]
+    if spec.cpus != 1:  # 1 is QEMU's default: older guests' argv stays as it was
+        argv += ["-smp", str(spec.cpus)]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
     if spec.nic is not None:
         tap, mac = spec.nic
         argv += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
+    for disk in spec.disks:
+        argv += disk.blockdev_args()
     argv += spec.boot_args()
     for inc in incoming or []:
         argv += ["-incoming", inc]
