@@ -45,6 +45,14 @@ def qemu_pids(marker: str) -> list[int]:
     return pids
 
 
+def assert_same_bytes(got: bytes, want: bytes | bytearray) -> None:
+    """A disk read back holds exactly what it must (the first differing offset if not)."""
+    assert len(got) == len(want)
+    if got != want:
+        bad = next(i for i in range(len(got)) if got[i] != want[i])
+        pytest.fail(f"disk differs at offset {bad}: {got[bad]:#x} != {want[bad]:#x}")
+
+
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
     # Short path under /tmp: QMP sockets live here (108-byte sun_path limit).

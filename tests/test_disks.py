@@ -31,7 +31,7 @@ from vmbeam_kvm.qemu.machine import RamBackend, build_argv
 from vmbeam_kvm.qemu.process import QemuProcess
 from vmbeam_kvm.store import GuestState
 
-from .conftest import qemu_pids, run_cli
+from .conftest import assert_same_bytes, qemu_pids, run_cli
 
 ZC, PC, CPR = MigrationMode.ZERO_COPY, MigrationMode.PRECOPY, MigrationMode.CPR_TRANSFER
 MiB = 1 << 20
@@ -85,10 +85,7 @@ class Contents:
                         str(out)], check=True)
         got = out.read_bytes()
         out.unlink()
-        assert len(got) == DISK
-        if got != self.data:
-            bad = next(i for i in range(DISK) if got[i] != self.data[i])
-            pytest.fail(f"disk differs at offset {bad}: {got[bad]:#x} != {self.data[bad]:#x}")
+        assert_same_bytes(got, self.data)
 
 
 def disk_files(g: Guest) -> list[str]:

@@ -149,3 +149,28 @@ def test_decide_kvm_unfinished_or_missing() -> None:
     assert decide(tcg, ProbeRun("kvm", False, error="not READY after 20 s"), "kvm_pvm")[0] \
         == "tcg"
     assert decide(tcg, None, "none")[:3:2] == ("tcg", "tcg")
+
+
+async def test_auto_probes_once_for_concurrent_starts_in_one_command(settings: Settings,
+                                                                     monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    """`lab up` boots its cloud VMs as tasks of one event loop, each asking for `auto`'s
+    verdict on a fresh state dir: one probe runs and every task gets its verdict (the
+    second task's flock used to block the loop the first task's probe awaited on)."""
+    import asyncio
+
+    from vmbeam_kvm import accel
+
+    probes = []
+    real = accel.probe
+
+    async def counted(qemu: str, images_dir: Path) -> accel.AccelVerdict:
+        probes.append(qemu)
+        return await real(qemu, images_dir)
+
+    monkeypatch.setattr(accel, "probe", counted)
+    qemu = settings.resolve_qemu()
+    got = await asyncio.wait_for(asyncio.gather(*(
+        resolve_accel(Accel.AUTO, qemu, settings.images_dir, settings.state_dir,
+                      cloud_vm=i % 2 == 0) for i in range(3))), timeout=120)
+    assert len(probes) == 1 and set(got) <= {"tcg", "kvm"}

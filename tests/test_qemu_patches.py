@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
+from vmbeam_kvm.qemu.machine import kvm_cpu
+
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "build" / "images"
 REGION_SIZE = 1 << 20           # ivshmem BARs are powers of two; small fits any window
@@ -70,7 +72,7 @@ class Vm:
         self.qmp_path = workdir / f"{name}.qmp"
         self.serial_path = workdir / f"{name}.serial"
         self.stderr_path = workdir / f"{name}.stderr"
-        cpu = ["-cpu", "host"] if accel == "kvm" else []
+        cpu = ["-cpu", kvm_cpu(qemu)] if accel == "kvm" else []
         self.argv = [qemu, "-name", f"vbq-{name}", "-nodefaults", "-no-user-config",
                      "-display", "none", "-accel", accel, *cpu,
                      "-qmp", f"unix:{self.qmp_path},server=on,wait=off",

@@ -27,13 +27,14 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Accel
 from .errors import BadInputError
-from .qemu.machine import GuestImage, MachineSpec, RamBackend, build_argv
+from .qemu.machine import GuestImage, MachineSpec, RamBackend, build_argv, kvm_cpu
 
 # The probe's piece of work: a 64 MiB test guest touching a quarter of it (4,096 pages from
 # 4 MiB up), then one second of its loop. TCG does it all in about 1.5 s here.
@@ -94,6 +95,7 @@ class AccelVerdict:
     probed_at: float
     tcg: ProbeRun | None = None
     kvm: ProbeRun | None = None
+    kvm_cpu: str = ""  # the -cpu KVM guests get here (machine.kvm_cpu); "" without KVM
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,11 +208,17 @@ async def _measure(accel: str, proc: asyncio.subprocess.Process, serial: Path, t
         await asyncio.sleep(0.01)
 
 
+# Bumped when the probe itself changes what it can find (2: KVM guests' -cpu is chosen by
+# machine.kvm_cpu, so a host where `-cpu host` aborted is measured again).
+PROBE_VERSION = 2
+
+
 def probe_key(qemu: str) -> str:
     """What the verdict depends on: kernel, QEMU binary (path, size, mtime), KVM flavour."""
     real = os.path.realpath(qemu)
     st = os.stat(real)
-    return f"{os.uname().release}|{real}|{st.st_size}|{st.st_mtime_ns}|{kvm_flavour()}"
+    return (f"{os.uname().release}|{real}|{st.st_size}|{st.st_mtime_ns}|{kvm_flavour()}"
+            f"|v{PROBE_VERSION}")
 
 
 async def probe(qemu: str, images_dir: Path) -> AccelVerdict:
@@ -220,20 +228,30 @@ async def probe(qemu: str, images_dir: Path) -> AccelVerdict:
     tcg = await probe_run("tcg", qemu, images_dir)
     kvm = await probe_run("kvm", qemu, images_dir) if kvm_usable() else None
     guest, why, cvm, cvm_why = decide(tcg, kvm, flavour)
-    return AccelVerdict(guest, cvm, why, cvm_why, flavour, key, round(time.time(), 3), tcg, kvm)
+    return AccelVerdict(guest, cvm, why, cvm_why, flavour, key, round(time.time(), 3), tcg, kvm,
+                        kvm_cpu(qemu) if kvm is not None else "")
 
 
-@contextlib.contextmanager
-def _cache_lock(cache_dir: Path) -> Any:
+# One probe at a time in this process too: `lab up` boots its cloud VMs as tasks of one
+# event loop, and a second flock by the same process on another fd would block that loop
+# while the first task's probe awaits on it (a deadlock: make demo on a fresh state dir).
+_PROBING: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+@contextlib.asynccontextmanager
+async def _cache_lock(cache_dir: Path) -> AsyncIterator[None]:
     # Two commands starting at once on a fresh state dir probe once, not twice at a time.
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache_dir / f"{CACHE_NAME}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    key = (id(asyncio.get_running_loop()), str(cache_dir))
+    async with _PROBING.setdefault(key, asyncio.Lock()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir / f"{CACHE_NAME}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            # Another command's probe is waited for in a thread: this loop keeps running.
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
 
 def cached_verdict(qemu: str, cache_dir: Path) -> AccelVerdict | None:
@@ -251,7 +269,7 @@ async def verdict(qemu: str, images_dir: Path, cache_dir: Path, *,
     """The cached verdict, or a new probe's (written to the cache)."""
     if not reprobe and (found := cached_verdict(qemu, cache_dir)) is not None:
         return found
-    with _cache_lock(cache_dir):
+    async with _cache_lock(cache_dir):
         if not reprobe and (found := cached_verdict(qemu, cache_dir)) is not None:
             return found  # another command probed while we waited
         result = await probe(qemu, images_dir)

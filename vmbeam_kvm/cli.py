@@ -149,7 +149,9 @@ async def _interruptible(coro: Coroutine[Any, Any, None]) -> None:
                                  signum=got[0]) from None
     finally:
         for signum, old in previous.items():
-            signal.signal(signum, old)
+            # Interrupted, the command exits 130/143 next: a later Ctrl-C (the terminal's
+            # second one) must not turn that into death by signal on the way out.
+            signal.signal(signum, signal.SIG_IGN if got else old)
 
 
 def command(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
@@ -251,7 +253,8 @@ def guest() -> None:
               help="vCPUs of the guest (either topology).")
 @click.option("--disk", "disks", multiple=True, metavar="PATH",
               help="A qcow2 or raw file on this host as a virtio disk (repeatable); the guest "
-              "writes a qcow2 overlay in its state dir, the file stays unchanged.")
+              "writes a qcow2 overlay in its state dir, the file stays unchanged; in a cloud VM "
+              "it is a beam disk (README).")
 @click.option("--disk-in-place", is_flag=True,
               help="The guest writes its --disk files themselves (no overlay).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
@@ -276,8 +279,10 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
         _progress(f"starting guest {name}{where} ({memory}, {cpus} vCPU"
                   f"{'s' if cpus > 1 else ''}, image {image}, touch {touch})")
         if cloud_vm:
-            rec = await host.cloud.start_guest(name, cloud_vm, memory, image=image,
-                                               touch=touch, net=net, cpus=cpus)
+            rec = await host.cloud.start_guest(
+                name, cloud_vm, memory, image=image, touch=touch, net=net, cpus=cpus,
+                disks=host.check_disks(disks, in_place=disk_in_place),
+                disk_in_place=disk_in_place)
             try:
                 if wait and await host.cloud.wait_heartbeat(rec, timeout=1200) is None:
                     raise LaunchError(f"guest {name!r} sent no heartbeat in {cloud_vm}")
@@ -483,7 +488,8 @@ async def cloud_vm_start(ctx: click.Context, name: str, tenant: str, memory: str
 def _cvm_json(rec: Any) -> dict[str, Any]:
     return {"name": rec.name, "tenant": rec.tenant, "state": rec.state.value,
             "memory_bytes": rec.memory, "cpus": rec.cpus, "pid": rec.pid, "ip": rec.ip,
-            "accel": rec.accel or None, "regions": sorted(rec.attachments),
+            "accel": rec.accel or None, "regions": rec.regions(),
+            "disks": sorted(a["path"] for a in rec.disks().values()),
             "namespace": rec.lab, "tap": rec.tap}
 
 

@@ -5,7 +5,10 @@ carries this package and the guest images, so the agent always runs the current 
 rebuilding the image. Its agent channel is a virtio-serial port backed by a unix socket on L0
 (no control port on any network); its NIC is a tap on the lab bridge. Beam regions are
 hot-plugged as ``ivshmem-plain`` devices into PCIe root ports whose 64-bit windows sit above
-4 GiB, so the L1 maps them write-back (docs/design.md §4.10).
+4 GiB, so the L1 maps them write-back (docs/design.md §4.10). A guest's disks (*beam disks*:
+L0's files) are hot-plugged as ``scsi-hd`` devices on the cloud VM's virtio-scsi controller,
+found by the agent by their serial; a SCSI disk is unplugged by L0's QEMU at once, without
+the cloud VM's help, which is what lets L0 revoke a source's access (docs/design.md §11).
 """
 
 from __future__ import annotations
@@ -27,8 +30,16 @@ import qemu.qmp
 
 from .agent.protocol import PORT_NAME, AgentClient
 from .config import CLOUD_VM_BOOT_TIMEOUT, REGION_EJECT_TIMEOUT, REPO_ROOT
-from .errors import AgentError, BadInputError, LaunchError, QMPCommandError, RegionError
+from .errors import (
+    AgentError,
+    BadInputError,
+    DiskError,
+    LaunchError,
+    QMPCommandError,
+    RegionError,
+)
 from .qemu.features import REVOKE_COMMAND
+from .qemu.machine import kvm_cpu
 from .qemu.process import QemuProcess
 from .region import BeamRegion, read_identity_of
 
@@ -39,6 +50,8 @@ log = logging.getLogger(__name__)
 
 ROOT_PORTS = 4            # hot-plug slots: at most this many regions per cloud VM
 ROOT_PORT_WINDOW = "16G"  # prefetchable 64-bit window per port (largest region)
+DISK_RELEASE_TIMEOUT = 10.0  # a SCSI disk's device and node gone from L0's QEMU
+SCSI_BUS = "vscsi.0"      # the virtio-scsi controller's bus: beam disks, no root port each
 # Seen here: 25-37 s for three cloud VMs booting at once on 2 busy cores (TCG).
 BOOT_TIMEOUT = CLOUD_VM_BOOT_TIMEOUT
 
@@ -72,8 +85,21 @@ class CloudVMRecord:
     log_path: str = ""
     created_at: float = 0.0
     accel: str = ""  # the -accel it boots with ("" in stores from before it was recorded)
-    # region id -> {"port": root port, "fdset": fdset id, "dev": device id, "obj": object id}
+    # region id -> {"port": root port, "fdset": fdset id, "dev": device id, "obj": object id};
+    # disk_key(serial) -> {"kind": "disk", "guest", "path", "node", "dev", "read_only"}
     attachments: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def regions(self) -> list[str]:
+        """The regions attached (each holds a root port)."""
+        return sorted(k for k, a in self.attachments.items() if not is_disk(a))
+
+    def disks(self) -> dict[str, dict[str, Any]]:
+        """The beam disks attached, by key."""
+        return {k: a for k, a in self.attachments.items() if is_disk(a)}
+
+    def free_slots(self) -> int:
+        """Root ports free for regions (a guest needs one; disks need none)."""
+        return ROOT_PORTS - len(self.regions())
 
     @property
     def agent(self) -> AgentClient:
@@ -187,6 +213,8 @@ def cloudvm_argv(rec: CloudVMRecord, *, qemu: str, accel: str, images_dir: Path,
         "-chardev", f"file,id=console,path={rec.console_path}", "-serial", "chardev:console",
         "-qmp", f"unix:{rec.qmp_path},server=on,wait=off",
         "-device", "virtio-serial-pci",
+        # Beam disks are hot-plugged here (attach_disk): SCSI unplug needs no guest help.
+        "-device", f"virtio-scsi-pci,id={SCSI_BUS.split('.')[0]}",
         "-chardev", f"socket,id=agent,path={rec.agent_path},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
         # Hot-plugged BARs land in the root ports' 64-bit windows, above 4 GiB: the L1
@@ -194,7 +222,7 @@ def cloudvm_argv(rec: CloudVMRecord, *, qemu: str, accel: str, images_dir: Path,
         "-global", "q35-pcihost.pci-hole64-size=128G",
     ]
     if accel == "kvm":
-        argv += ["-cpu", "host"]
+        argv += ["-cpu", kvm_cpu(qemu)]
     elif tcg.cpu:
         argv += ["-cpu", tcg.cpu]
     for i in range(ROOT_PORTS):
@@ -255,7 +283,7 @@ async def attach_region(proc: QemuProcess, rec: CloudVMRecord, region: BeamRegio
                           f"region {region.region_id} (revoked; the eject is pending)")
     if att is not None:
         return
-    used = {a["port"] for a in rec.attachments.values()}
+    used = {a["port"] for a in rec.attachments.values() if "port" in a}
     free = [f"rp{i}" for i in range(ROOT_PORTS) if f"rp{i}" not in used]
     if not free:
         raise RegionError(f"cloud VM {rec.name} has no free hot-plug slot")
@@ -376,3 +404,76 @@ async def detach_region(proc: QemuProcess, rec: CloudVMRecord, region_id: str,
     with contextlib.suppress(QMPCommandError):
         await proc.execute("remove-fd", {"fdset-id": att["fdset"]})
     rec.attachments.pop(region_id, None)
+
+
+# -- beam disks ----------------------------------------------------------------------------
+def is_disk(att: dict[str, Any]) -> bool:
+    return att.get("kind") == "disk"
+
+
+def disk_key(serial: str) -> str:
+    """The attachment key of the disk device with ``serial``."""
+    return f"disk:{serial}"
+
+
+async def attach_disk(proc: QemuProcess, rec: CloudVMRecord, *, guest: str, serial: str,
+                      path: str, read_only: bool, direct: bool) -> None:
+    """Hot-plug L0's file ``path`` into the cloud VM as a SCSI disk with ``serial``.
+
+    L0 opens it as a plain ``file`` node (the L2 QEMU runs the format driver itself) with
+    image locking on. A writable disk is plugged ``share-rw``: during a move the source's
+    and the destination's cloud VMs both hold it (README "Beam disks": the L2s hand it
+    over with QEMU's inactivation, L0 revokes the source's device at relocate); a
+    read-only one (an overlay's backing) lets no one else write the file."""
+    key = disk_key(serial)
+    if key in rec.attachments:
+        return
+    att = {"kind": "disk", "guest": guest, "path": path, "node": f"bd-{serial}",
+           "dev": f"sd-{serial}", "read_only": read_only}
+    await proc.execute("blockdev-add", {
+        "driver": "file", "node-name": att["node"], "filename": path, "read-only": read_only,
+        "locking": "on", "cache": {"direct": direct, "no-flush": False}})
+    try:
+        await proc.execute("device_add", {
+            "driver": "scsi-hd", "drive": att["node"], "id": att["dev"], "serial": serial,
+            "bus": SCSI_BUS, "share-rw": not read_only})
+    except QMPCommandError:
+        with contextlib.suppress(QMPCommandError):
+            await proc.execute("blockdev-del", {"node-name": att["node"]})
+        raise
+    rec.attachments[key] = att
+
+
+async def detach_disk(proc: QemuProcess, rec: CloudVMRecord, key: str) -> None:
+    """Take a disk away from the cloud VM at once: its SCSI device goes from L0's QEMU
+    whatever the cloud VM's kernel does (hung, paused, hostile), then the file node, so
+    that L0's QEMU of the cloud VM holds no fd of the file and no image lock."""
+    att = rec.attachments.get(key)
+    if att is None:
+        return
+    if proc.alive():
+        try:
+            await proc.execute("device_del", {"id": att["dev"]})
+        except QMPCommandError as exc:
+            if exc.error_class != "DeviceNotFound":
+                raise
+        deadline = time.monotonic() + DISK_RELEASE_TIMEOUT
+        while not await device_gone(proc, att["dev"]):
+            if time.monotonic() > deadline:
+                raise DiskError(f"cloud VM {rec.name} still has disk device {att['dev']}")
+            await asyncio.sleep(0.005)
+        # The device is gone from the tree at once, its BlockBackend a moment later (the
+        # device is finalised after its last reference, requests in flight drained).
+        while True:
+            try:
+                await proc.execute("blockdev-del", {"node-name": att["node"]})
+                break
+            except QMPCommandError as exc:
+                nodes = await proc.execute("query-named-block-nodes", {"flat": True})
+                if not any(n.get("node-name") == att["node"] for n in nodes):
+                    break  # gone already (an earlier detach got this far)
+                if time.monotonic() > deadline:
+                    raise DiskError(f"cloud VM {rec.name} keeps disk node {att['node']}: "
+                                    f"{exc}") from exc
+                await asyncio.sleep(0.005)
+    rec.attachments.pop(key, None)

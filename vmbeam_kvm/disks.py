@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -69,12 +70,34 @@ class Disk:
         """The same disk written through another overlay (a copy's destination)."""
         return replace(self, path=path)
 
+    def beam_serials(self, guest: str) -> tuple[str, str | None]:
+        """The serials under which L0 plugs this disk's file (and its overlay's backing,
+        read-only) into a cloud VM: unique per guest and disk, at most 20 characters."""
+        h = hashlib.sha256(guest.encode()).hexdigest()[:10]
+        return (f"vb{h}-{self.index}w",
+                f"vb{h}-{self.index}r" if self.mode == DiskMode.OVERLAY else None)
+
+    def wire(self, guest: str) -> dict[str, Any]:
+        """What a cloud VM's agent needs to open this disk for the L2 (``from_wire``)."""
+        top, base = self.beam_serials(guest)
+        return {"index": self.index, "serial": top, "base_serial": base,
+                "user_format": self.user_format, "mode": self.mode}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any], path: str, base: str | None) -> Disk:
+        """The disk as an L2 in a cloud VM opens it: the block devices ``path`` (and
+        ``base``) that carry L0's files, O_DIRECT (no page cache in the L1)."""
+        return cls(int(d["index"]), path, base or path, str(d["user_format"]),
+                   str(d["mode"]), True)
+
     def blockdev_args(self) -> list[str]:
         """``-blockdev`` (JSON: no escaping of paths) and ``-device`` arguments."""
         cache = {"direct": self.direct, "no-flush": False}
 
         def file_node(name: str, path: str, ro: bool) -> dict[str, Any]:
-            return {"driver": "file", "node-name": name, "filename": path, "read-only": ro,
+            # A block device: a beam disk as the agent found it in a cloud VM.
+            driver = "host_device" if path.startswith("/dev/") else "file"
+            return {"driver": driver, "node-name": name, "filename": path, "read-only": ro,
                     "locking": "on", "cache": cache}
 
         nodes: list[dict[str, Any]] = []
@@ -213,6 +236,16 @@ def check_disks(paths: list[str], *, in_place: bool,
     return out
 
 
+def check_beam(checked: list[tuple[Path, str, bool]], *, in_place: bool) -> None:
+    """Refuse a qcow2 file written in place by a guest in a cloud VM: it would need to grow
+    past the block device it is plugged as (an overlay gets that room, the user's file is
+    not resized behind their back)."""
+    for path, fmt, _direct in checked:
+        if in_place and fmt == "qcow2":
+            raise BadInputError(f"disk {path} is qcow2: in a cloud VM a disk written in place "
+                                f"must be raw (use an overlay: leave out --disk-in-place)")
+
+
 def check_copy(guest: str, disks: tuple[Disk, ...]) -> None:
     """Refuse a copying move (precopy) of a guest that writes a disk in place: the copy
     would leave the user's file behind, stale."""
@@ -234,9 +267,29 @@ def create_overlay(overlay: Path, backing: Path, backing_format: str) -> None:
         raise DiskError(f"cannot create overlay {overlay}: {out.stderr.strip()}")
 
 
+def make_room(image: Path) -> None:
+    """Extend a qcow2 file (sparse) to the size it can ever need: a beam disk is a block
+    device of fixed size in the cloud VM, so a qcow2 driver in the L2 cannot grow the file
+    past its length at plug time (docs/design.md §11). ``qemu-img measure`` says how large a
+    fully allocated image of this virtual size is."""
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    if info.returncode != 0:
+        raise DiskError(f"cannot inspect {image}: {info.stderr.strip()}")
+    size = int(json.loads(info.stdout)["virtual-size"])
+    out = subprocess.run(["qemu-img", "measure", "--output=json", "-O", "qcow2", "--size",
+                          str(size)], capture_output=True, text=True, timeout=30, check=False)
+    if out.returncode != 0:
+        raise DiskError(f"cannot measure {image}: {out.stderr.strip()}")
+    need = int(json.loads(out.stdout)["fully-allocated"]) + (1 << 20)
+    if image.stat().st_size < need:
+        os.truncate(image, need)
+
+
 def new_disks(guest_dir: Path, checked: list[tuple[Path, str, bool]], *,
-              in_place: bool) -> tuple[Disk, ...]:
-    """The disks of a new guest, creating its overlays (``in_place``: none)."""
+              in_place: bool, beam: bool = False) -> tuple[Disk, ...]:
+    """The disks of a new guest, creating its overlays (``in_place``: none); ``beam``: for a
+    guest in a cloud VM (each overlay given room to grow, :func:`make_room`)."""
     disks = []
     for i, (path, fmt, direct) in enumerate(checked):
         if in_place:
@@ -244,6 +297,8 @@ def new_disks(guest_dir: Path, checked: list[tuple[Path, str, bool]], *,
             continue
         overlay = guest_dir / f"disk{i}.qcow2"
         create_overlay(overlay, path, fmt)
+        if beam:
+            make_room(overlay)
         disks.append(Disk(i, str(overlay), str(path), fmt, DiskMode.OVERLAY.value,
                           direct and supports_direct(overlay)))
     return tuple(disks)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .cloudvm import ROOT_PORTS, CloudVMRecord
+from .cloudvm import CloudVMRecord
 from .errors import BadInputError, VmbeamError
 from .migrate import migrate_between
 from .migrate.model import MigrationMode, MigrationOptions
@@ -104,7 +104,7 @@ def plan(ops: CloudOps, name: str, to: list[str] | None) -> list[GuestMove]:
         dests = [vm for vm in ops.store.cloud_vms() if vm.name != name
                  and vm.tenant == src.tenant and vm.state.value == "running"
                  and ops.l1(vm).alive()]
-    free: dict[str, int] = {vm.name: ROOT_PORTS - len(vm.attachments) for vm in dests}
+    free: dict[str, int] = {vm.name: vm.free_slots() for vm in dests}
     if guests and sum(max(0, n) for n in free.values()) < len(guests):
         have = ", ".join(f"{n}: {max(0, f)}" for n, f in free.items()) or "none"
         raise BadInputError(f"cannot evacuate {name!r}: {len(guests)} guests, free hot-plug "

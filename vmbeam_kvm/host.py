@@ -63,7 +63,7 @@ from .placement.local import LocalPlacement
 from .qemu.machine import GuestImage, MachineSpec, RamBackend
 from .qemu.process import QemuProcess, kill_strays
 from .region import check_huge_pages
-from .runtime import Runtime
+from .runtime import Runtime, to_the_end
 from .store import GuestRecord, GuestState, MigrationPhase, Store
 from .units import check_name, parse_percent, parse_size, shown
 
@@ -205,10 +205,7 @@ class Host:
             raise BadInputError(f"unknown RAM backend {shown(backend)}")
         check_new_guest(self.store, name, size, in_cloud_vm=cloud_vm is not None)
         check_cpus(cpus)
-        if disks and cloud_vm is not None:
-            raise BadInputError("disks apply to guests on this host (a guest in a cloud VM "
-                                "has none yet)")
-        self.check_disks(disks, in_place=disk_in_place)
+        checked = self.check_disks(disks, in_place=disk_in_place)
         if cloud_vm is None:
             qemu_path = self.settings.resolve_qemu(qemu)
             # Missing images, like the rest, are refused before anything is recorded.
@@ -222,6 +219,7 @@ class Host:
                     raise BadInputError("--hugepages applies to beam-region guests")
                 check_huge_pages(size)
             return size, pct, img
+        disk_files.check_beam(checked, in_place=disk_in_place)
         if hugepages:
             raise BadInputError("--hugepages applies to guests on this host: a cloud VM "
                                 "maps its guests' regions as PCI BARs of its own")
@@ -231,7 +229,7 @@ class Host:
         vm = self._cloud_vm(cloud_vm)
         if vm.state is not CloudVMState.RUNNING or not self.cloud.l1(vm).alive():
             raise BadInputError(f"cloud VM {cloud_vm!r} is not running ({vm.state.value})")
-        if len(vm.attachments) >= ROOT_PORTS:
+        if vm.free_slots() <= 0:
             raise BadInputError(f"cloud VM {cloud_vm!r} has no free hot-plug slot (it holds "
                                 f"{ROOT_PORTS} regions)")
         return size, pct, img
@@ -284,7 +282,8 @@ class Host:
         ``hugepages`` backs its region with the host's reserved huge pages; ``cpus`` is its
         vCPU count, 1-64, in either topology; ``disks`` are qcow2/raw files on this host,
         each behind a qcow2 overlay in the guest's state directory unless
-        ``disk_in_place``: see :mod:`vmbeam_kvm.disks`). Raises
+        ``disk_in_place``: see :mod:`vmbeam_kvm.disks`; in a cloud VM they are beam disks,
+        L0's files hot-plugged there). Raises
         BadInputError (nothing changed) or LaunchError (everything started is undone).
         """
         # All of it checked before anything is recorded, created or started.
@@ -294,7 +293,9 @@ class Host:
                                               disk_in_place=disk_in_place)
         if cloud_vm is not None:
             await self.cloud.start_guest(name, cloud_vm, size, image=image, touch=pct,
-                                         net=net, cpus=cpus)
+                                         net=net, cpus=cpus,
+                                         disks=self.check_disks(disks, in_place=disk_in_place),
+                                         disk_in_place=disk_in_place)
             return Guest(self, name)
         qemu_path = self.settings.resolve_qemu(qemu)
         accel = await resolve_accel(self.settings.accel, qemu_path, self.settings.images_dir,
@@ -346,7 +347,7 @@ class Host:
             if missing_ok:
                 return
             raise
-        await self.placement(rec).stop(rec)
+        await to_the_end(self.placement(rec).stop(rec))
 
     async def settle_guest(self, name: str) -> SettleResult:
         """Settle a guest a move left ``needs-action`` or ``unreachable``: look at both ends

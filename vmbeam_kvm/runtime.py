@@ -8,12 +8,17 @@ migration engine receive it instead of the façade, so data flows one way
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .config import Settings
 from .qemu.process import ProcessRef, QemuProcess
 from .store import Store
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,3 +59,17 @@ class Runtime:
     store: Store
     settings: Settings
     procs: ProcessRegistry = field(default_factory=ProcessRegistry)
+
+
+async def to_the_end(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end even when the caller is cancelled meanwhile (SIGINT/SIGTERM
+    cancel the command once): a stop cut short would leave a QEMU without a record or a
+    record without a QEMU. The cancellation is raised again once ``coro`` has ended."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller gets
+        raise

@@ -232,14 +232,17 @@ class AgentClient:
     async def start_guest(self, name: str, *, memory: int, image: str, touch: int,
                           region_id: str, incoming: bool = False, mac: str = "",
                           ip: str = "", ticks: bool = True,
-                          ticks_to: tuple[str, int] | None = None, cpus: int = 1
-                          ) -> L2Started:
+                          ticks_to: tuple[str, int] | None = None, cpus: int = 1,
+                          disks: list[dict[str, Any]] | None = None) -> L2Started:
         """Start the L2 QEMU of ``name`` on the mapped region ``region_id`` (``incoming``:
         waiting for a migration stream; ``ticks``: with a tick port, sending to
-        ``ticks_to`` if given; ``cpus``: its -smp); raises AgentError (remote RegionError
-        when the region is not mapped here or holds another size)."""
-        # cpus only when not 1: an agent started before --cpus existed still answers.
-        extra = {"cpus": cpus} if cpus != 1 else {}
+        ``ticks_to`` if given; ``cpus``: its -smp; ``disks``: each disk's
+        :meth:`~vmbeam_kvm.disks.Disk.wire` form, plugged here by L0); raises AgentError
+        (remote RegionError when the region is not mapped here or holds another size)."""
+        # cpus and disks only when used: an agent started before they existed answers.
+        extra: dict[str, Any] = {"cpus": cpus} if cpus != 1 else {}
+        if disks:
+            extra["disks"] = disks
         r = await self.call(Op.START_GUEST, name=name, memory=memory, image=image,
                             touch=touch, region_id=region_id, incoming=incoming, mac=mac,
                             ip=ip, ticks=ticks, ticks_to=list(ticks_to) if ticks_to else None,

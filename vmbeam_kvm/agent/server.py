@@ -4,7 +4,9 @@ L0 hot-plugs a beam region into this VM as an ``ivshmem-plain`` PCI device; its 
 region. The agent finds regions by the identity page at the BAR's end, starts L2 QEMUs with
 ``mem-path=/dev/mem,offset=<BAR2>`` (write-back: the BAR sits above 4 GiB, docs/design.md
 §4.10), and passes QMP commands through for L0's migration orchestrator. Everything arrives
-over the virtio-serial port, which only L0 can reach.
+over the virtio-serial port, which only L0 can reach. A guest's disks arrive as SCSI disks
+L0 hot-plugged (beam disks, docs/design.md §11), found by their serial; the L2 opens them
+O_DIRECT (no page cache here that could go stale when the disk moves on).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInputError, RegionError, VmbeamError
+from ..disks import Disk
+from ..errors import BadInputError, DiskError, RegionError, VmbeamError
 from ..heartbeat import read_status
 from ..qemu.machine import GuestImage, MachineSpec, build_argv
 from ..qemu.process import ProcessRef, QemuProcess
@@ -73,6 +76,16 @@ def _read_phys(addr: int, length: int) -> bytes:
             return bytes(m[:length])
     finally:
         os.close(fd)
+
+
+def find_disk(serial: str, sysfs: Path = Path("/sys/block")) -> str | None:
+    """The block device whose SCSI unit serial (VPD page 0x80) is ``serial``."""
+    for dev in sorted(sysfs.glob("sd*")):
+        with contextlib.suppress(OSError):
+            page = (dev / "device" / "vpd_pg80").read_bytes()
+            if page[4:4 + page[3]].decode(errors="replace").strip() == serial:
+                return f"/dev/{dev.name}"
+    return None
 
 
 def scan_regions(sysfs: Path = Path("/sys/bus/pci/devices")) -> list[MappedRegion]:
@@ -245,14 +258,37 @@ class Agent:
             "ip", "link", "del", self._tap(name), stderr=asyncio.subprocess.DEVNULL)
         await proc.wait()
 
+    async def _find_disk(self, serial: str, timeout: float = 30.0) -> str:
+        """The block device of a disk L0 just hot-plugged (the SCSI scan is asynchronous)."""
+        if not Path("/sys/module/virtio_scsi").exists():
+            proc = await asyncio.create_subprocess_exec(
+                "modprobe", "-a", "virtio_scsi", "sd_mod", stderr=asyncio.subprocess.PIPE)
+            await proc.communicate()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (path := find_disk(serial)) is None:
+            if asyncio.get_running_loop().time() > deadline:
+                raise DiskError(f"no disk with serial {serial} in this cloud VM")
+            await asyncio.sleep(0.05)
+        return path
+
+    async def _open_disks(self, disks: list[dict[str, Any]]) -> tuple[Disk, ...]:
+        out = []
+        for d in disks:
+            base = d.get("base_serial")
+            out.append(Disk.from_wire(d, await self._find_disk(str(d["serial"])),
+                                      await self._find_disk(str(base)) if base else None))
+        return tuple(out)
+
     async def op_start_guest(self, name: str, memory: int, image: str, touch: int,
                              region_id: str, incoming: bool = False, mac: str = "",
                              ip: str = "", ticks: bool = True,
-                             ticks_to: list[Any] | None = None, cpus: int = 1
+                             ticks_to: list[Any] | None = None, cpus: int = 1,
+                             disks: list[dict[str, Any]] | None = None
                              ) -> dict[str, Any]:
         if name in self.guests and self.guests[name].proc.alive():
             raise BadInputError(f"guest {name!r} already runs in this cloud VM")
         region = await self._find_region(region_id)
+        opened = await self._open_disks(disks or [])
         if region.identity.ram_size != memory:
             raise RegionError(f"region {region_id} holds {region.identity.ram_size} bytes of "
                               f"RAM, guest wants {memory}")
@@ -267,7 +303,8 @@ class Agent:
             await self._plug_tap(self._tap(name))
             nic = (self._tap(name), mac)
         spec = MachineSpec(name, memory, GuestImage(image), touch, self.accel, self.qemu,
-                           self.images_dir, nic=nic, guest_ip=ip, ticks=ticks, cpus=int(cpus))
+                           self.images_dir, nic=nic, guest_ip=ip, ticks=ticks, cpus=int(cpus),
+                           disks=opened)
         argv = build_argv(spec, qmp_path=qmp, serial_path=serial, ram_path="/dev/mem",
                           ram_offset=region.bar_start,
                           incoming=["defer"] if incoming else None,

@@ -131,6 +131,10 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
         opts, why = choose_mode(opts, rec)
         if opts.mode is MigrationMode.CPR_TRANSFER:
             raise BadInputError("cpr-transfer is a local-only mode")
+        if opts.mode is MigrationMode.PRECOPY and rec.disks not in ("", "[]"):
+            # Not built yet between cloud VMs (the NBD stream would cross the L1-L1 net).
+            raise BadInputError(f"guest {name!r} has disks: between cloud VMs it moves "
+                                f"zero-copy (its disks shared), not by precopy")
         check_tail_window(opts.tail_window)
         if opts.prefault:
             # In a cloud VM the region is a PCI BAR read through /dev/mem, which QEMU can

@@ -112,6 +112,8 @@ class MigrationResult:
     # a revoking QEMU `source_detached` holds before the eject, from L0's own view.
     source_ejected: bool | None = None
     source_revoked_ms: float | None = None  # from the handover until the source lost access
+    # The same for its disks (between cloud VMs: L0 unplugged them from the source).
+    source_disks_revoked_ms: float | None = None
     # Zero-copy: QEMU itself checked that the destination maps the source's shared RAM
     # (patched QEMU, both ends); False where a QEMU lacks the check, None for other modes.
     shared_ram_checked: bool | None = None
@@ -126,7 +128,7 @@ class MigrationResult:
     mode_reason: str | None = None
     pause_ms: float | None = None             # the longest gap around the switch
     post_switch_slowdown: float | None = None  # work rate after / before (tail_window)
-    # The guest's disks (guests on this host): each {id, mode shared|copied, bytes_copied}.
+    # The guest's disks: each {id, mode shared|copied, bytes_copied}.
     disks: list[dict[str, Any]] = field(default_factory=list)
     disk_bytes_copied: int = 0
 

@@ -401,6 +401,7 @@ class CloudEnds(Ends):
         if self.src.alive:
             await self.ops.agent(src_vm).stop_guest(name, kill=True)
         await self.ops.release(src_vm, mig.src_region)
+        await self.ops.release_disks(src_vm, name)  # its beam disks: the destination's now
         if mig.src_region and mig.src_region != mig.dst_region:
             self.store.remove_region(mig.src_region)
         self.rec.cloud_vm, self.rec.pid = mig.dst_cloud_vm, self.dst_pid
@@ -417,6 +418,7 @@ class CloudEnds(Ends):
                 await self.ops.agent(dst_vm).stop_guest(name, kill=True)
             if mig.dst_region:
                 await self.ops.release(dst_vm, mig.dst_region)
+            await self.ops.release_disks(dst_vm, name)
         if mig.dst_region and mig.dst_region != mig.src_region:
             self.store.remove_region(mig.dst_region)
         self.rec.cloud_vm, self.rec.region_id = mig.src_cloud_vm, mig.src_region

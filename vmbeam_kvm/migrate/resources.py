@@ -5,7 +5,8 @@ the destination exists), *prepare* (the destination answers QMP, waiting for its
 *switch* (the source is stopped at ``pre-switchover``: the last moment before device state
 is final), *confirm* (the destination runs), *relocate* (the source QEMU is gone) and
 *rollback* — and reports what it cost. The route calls them in order; the RAM region keeps
-its own path in the routes for now, a disk (:class:`DiskResource`) is the first participant.
+its own path in the routes for now, a disk is the first participant: :class:`DiskResource`
+on this host, :class:`BeamDiskResource` between cloud VMs.
 
 A disk moves one of two ways (README, "Disks"):
 
@@ -22,7 +23,13 @@ A disk moves one of two ways (README, "Disks"):
   without a pivot and disconnected, so nothing of the source writes the copy once the
   destination runs; its bytes are the mirror job's count.
 
-The QEMU facts this rests on (who holds which lock byte when) are in docs/design.md §10.
+Between cloud VMs (:class:`BeamDiskResource`) a disk is *shared* the VMBeam way: *share*
+hot-plugs L0's file into the destination cloud VM, the two L2 QEMUs hand it over as above,
+and *relocate* unplugs it from the source cloud VM on L0 at once — L0's QEMU of the source
+then holds no fd of the file, whatever the source's kernel does; *rollback* unplugs it from
+the destination.
+
+The QEMU facts this rests on (who holds which lock byte when) are in docs/design.md §10 and §11.
 """
 
 from __future__ import annotations
@@ -201,3 +208,41 @@ class DiskResource:
     def report(self) -> dict[str, Any]:
         return {"id": self.id, "mode": "copied" if self.copies else "shared",
                 "bytes_copied": self.bytes_copied}
+
+
+class BeamDiskResource:
+    """One disk of a guest moving between cloud VMs, shared (see module docstring): L0
+    plugs the same file into the destination cloud VM, and takes it from the source."""
+
+    copies = False
+
+    def __init__(self, disk: Disk, *, plug_dst: Callable[[], Awaitable[None]],
+                 unplug_src: Callable[[], Awaitable[None]],
+                 unplug_dst: Callable[[], Awaitable[None]]) -> None:
+        self.disk, self.id = disk, disk.id
+        self._plug_dst, self._unplug_src, self._unplug_dst = plug_dst, unplug_src, unplug_dst
+        self.plugged = False
+
+    async def share(self) -> None:
+        self.plugged = True  # before the plug: a half-made plug is undone by rollback
+        await self._plug_dst()
+
+    async def prepare(self) -> None:
+        return None
+
+    async def switch(self) -> None:
+        return None
+
+    async def confirm(self) -> None:
+        return None
+
+    async def relocate(self) -> None:
+        await self._unplug_src()
+
+    async def rollback(self) -> None:
+        if self.plugged:
+            await self._unplug_dst()
+            self.plugged = False
+
+    def report(self) -> dict[str, Any]:
+        return {"id": self.id, "mode": "shared", "bytes_copied": 0}

@@ -53,7 +53,7 @@ from . import faults
 from .engine import Party, Route
 from .handover import DestWatch, dies_within
 from .model import MigrationMode, MigrationOptions, MigrationResult
-from .resources import DiskResource, NbdServer, Resource
+from .resources import BeamDiskResource, DiskResource, NbdServer, Resource
 
 
 async def ram_fd_of(qmp: Any) -> int:
@@ -422,6 +422,18 @@ class CloudRoute(Route):
         self._net0 = 0
         self.cpu = 0.0
         self.net = 0
+        # The guest's disks: the same files plugged into the destination (zero-copy only:
+        # migrate_between refuses precopy of a guest with disks).
+        self.disks = disk_files.loads(rec.disks)
+        self.resources: list[Resource] = [self._beam_disk(d) for d in self.disks]
+        self.disk_revoked_ms: float | None = None
+
+    def _beam_disk(self, disk: disk_files.Disk) -> BeamDiskResource:
+        ops, name, src, dst = self.ops, self.rec.name, self.src_vm.name, self.dst_vm.name
+        return BeamDiskResource(
+            disk, plug_dst=lambda: ops.attach_disks(ops.vm(dst), name, (disk,)),
+            unplug_src=lambda: ops.release_disks(ops.vm(src), name, disk),
+            unplug_dst=lambda: ops.release_disks(ops.vm(dst), name, disk))
 
     async def src_qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         with self._from_source():
@@ -485,6 +497,8 @@ class CloudRoute(Route):
                 self.ops.store.add_region(region.region_id, self.rec.name, self.rec.tenant,
                                           self.rec.memory, region.size)
             await self.ops.attach(self.dst_vm, region)
+        for res in self.resources:
+            await res.share()
 
     async def _reopen_region(self) -> BeamRegion:
         """Our own handle on the guest's region, taken from the source cloud VM's QEMU."""
@@ -510,7 +524,7 @@ class CloudRoute(Route):
         self.started = await self.dst_agent.start_guest(
             self.rec.name, memory=self.rec.memory, image=self.rec.image, touch=self.rec.touch,
             region_id=self.dst_region_id, incoming=True, ticks=self.src_ticks,
-            cpus=self.rec.cpus,
+            cpus=self.rec.cpus, disks=[d.wire(self.rec.name) for d in self.disks],
             ticks_to=self.ticks_to, **self.ops.nic_args(self.rec))
 
     def meter_address(self) -> tuple[str, str | None] | None:
@@ -595,6 +609,7 @@ class CloudRoute(Route):
             # and to eject the device (not waited on).
             await self.ops.revoke(src_vm, self.src_region_id)
             self.revoked_ms = round((time.monotonic() - self.switched_at) * 1000, 3)
+            await self._revoke_disks()
             try:
                 await self.src_agent.stop_guest(self.rec.name, timeout=SOURCE_QUIT_TIMEOUT)
             except AgentError:
@@ -604,11 +619,20 @@ class CloudRoute(Route):
             # Stock QEMU: relocation needs the source cloud VM to quit its L2 and eject.
             await self.src_agent.stop_guest(self.rec.name)
             await self.ops.release(src_vm, self.src_region_id)
+            await self._revoke_disks()
         if self.src_region_id != self.dst_region_id:
             self.ops.store.remove_region(self.src_region_id)
         # L0's own view: the source cloud VM's QEMU maps nothing of the region, holds no fd.
         self.detached = inode is None or not await asyncio.to_thread(
             references, self.src_l1.pid, inode)
+
+    async def _revoke_disks(self) -> None:
+        """The source cloud VM loses the guest's disks on L0 (stock QEMU does this: a SCSI
+        disk is unplugged without the cloud VM's help)."""
+        for res in self.resources:
+            await res.relocate()
+        if self.resources:
+            self.disk_revoked_ms = round((time.monotonic() - self.switched_at) * 1000, 3)
 
     def _compare(self, inode: int) -> FrameComparison | None:
         try:
@@ -644,6 +668,9 @@ class CloudRoute(Route):
         result.source_ejected = self.ejected
         result.source_revoked_ms = self.revoked_ms
         result.peak_qemu_memory_bytes = self.sampler.peak
+        result.disks = [r.report() for r in self.resources]
+        result.disk_bytes_copied = sum(int(d["bytes_copied"]) for d in result.disks)
+        result.source_disks_revoked_ms = self.disk_revoked_ms
         if not self.can_revoke:
             result.guarantees_missing = sorted(
                 {*result.guarantees_missing, Guarantees(False, True).missing()[0]})
@@ -663,6 +690,9 @@ class CloudRoute(Route):
                 await self.ops.release(self.dst_vm, self.dst_region_id)
             if self.dst_region_id != self.rec.region_id:
                 self.ops.store.remove_region(self.dst_region_id)
+        for res in self.resources:
+            with contextlib.suppress(VmbeamError):  # a dead cloud VM's: only the records
+                await res.rollback()
 
     async def source_alive(self) -> tuple[bool | None, str]:
         # A source that gave no answer during this move gets one short look more (it may

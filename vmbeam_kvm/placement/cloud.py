@@ -3,8 +3,10 @@
 This host plays L0. A cloud VM is a QEMU here whose agent (reached over a virtio-serial
 channel) runs L2 QEMUs inside it. A guest in a cloud VM has its RAM in a beam region on L0,
 hot-plugged into that cloud VM as an ivshmem device; every call to its QEMU goes through the
-agent. :class:`CloudOps` owns the cloud VMs' lifecycle, their hot-plug bookkeeping and the
-L2 guests' lifecycle; the migration engine uses its steps for moves between cloud VMs.
+agent. Its disks are L0's files, hot-plugged into that cloud VM as SCSI disks (beam disks:
+overlays in the guest's state dir on L0, as for guests on this host). :class:`CloudOps` owns
+the cloud VMs' lifecycle, their hot-plug bookkeeping and the L2 guests' lifecycle; the
+migration engine uses its steps for moves between cloud VMs.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import disks as disk_files
 from ..agent.protocol import GONE, AgentClient, L2Status
 from ..checks import check_cpus, check_new_guest
 from ..cloudvm import (
@@ -25,10 +29,13 @@ from ..cloudvm import (
     CloudVMRecord,
     CloudVMState,
     TcgTuning,
+    attach_disk,
     attach_region,
     build_source_disk,
     cloudvm_argv,
+    detach_disk,
     detach_region,
+    disk_key,
     launch_cloudvm,
     mac_for,
     revoke_region,
@@ -134,6 +141,40 @@ class CloudOps:
         """Hot-plug ``region`` into cloud VM ``vm`` and record it."""
         async with self.plugging(vm) as cur:
             await attach_region(self.l1(cur), cur, region)
+
+    async def attach_disks(self, vm: CloudVMRecord, guest: str,
+                           disks: tuple[disk_files.Disk, ...]) -> None:
+        """Hot-plug guest ``guest``'s disks into cloud VM ``vm`` (each file, and an
+        overlay's backing read-only) and record them."""
+        async with self.plugging(vm) as cur:
+            l1 = self.l1(cur)
+            for d in disks:
+                top, base = d.beam_serials(guest)
+                if base is not None:
+                    await attach_disk(l1, cur, guest=guest, serial=base, path=d.user_file,
+                                      read_only=True, direct=d.direct)
+                await attach_disk(l1, cur, guest=guest, serial=top, path=d.path,
+                                  read_only=False, direct=d.direct)
+
+    async def release_disks(self, vm: CloudVMRecord, guest: str,
+                            only: disk_files.Disk | None = None) -> None:
+        """Take the disks of guest ``guest`` (``only`` that one) away from cloud VM ``vm`` at
+        once (L0 unplugs the SCSI device and closes the file whatever the cloud VM does)
+        and record it."""
+        keys = ({disk_key(s) for s in only.beam_serials(guest) if s} if only is not None
+                else None)
+        async with self.plugging(vm) as cur:
+            l1 = self.l1(cur)
+            for key, att in cur.disks().items():
+                if att.get("guest") != guest or (keys is not None and key not in keys):
+                    continue
+                if l1.alive():
+                    await detach_disk(l1, cur, key)
+                else:
+                    cur.attachments.pop(key, None)
+
+    def disks_of(self, rec: GuestRecord) -> tuple[disk_files.Disk, ...]:
+        return disk_files.loads(rec.disks)
 
     async def release(self, vm: CloudVMRecord, region_id: str) -> None:
         """Hot-unplug ``region_id`` from ``vm`` (waiting for the eject) and record it; a
@@ -334,10 +375,14 @@ class CloudOps:
 
     async def start_guest(self, name: str, cloud_vm: str, memory: int | str, *,
                           image: str = "test", touch: int | str = 70,
-                          net: bool | None = None, cpus: int = 1) -> GuestRecord:
+                          net: bool | None = None, cpus: int = 1,
+                          disks: list[tuple[Path, str, bool]] | None = None,
+                          disk_in_place: bool = False) -> GuestRecord:
         """Create the guest's region on L0, attach it to ``cloud_vm``, start the L2 there.
 
-        ``net`` gives the guest a NIC on the lab network (default: for Linux guests).
+        ``net`` gives the guest a NIC on the lab network (default: for Linux guests);
+        ``disks``: files checked by :func:`~vmbeam_kvm.disks.check_disks`, given to it as
+        beam disks (an overlay each in its state dir unless ``disk_in_place``).
         Raises BadInputError (nothing changed) or the error that stopped it (everything
         started is undone).
         """
@@ -346,15 +391,18 @@ class CloudOps:
             raise BadInputError(f"unknown image {image!r}: use test or linux")
         check_new_guest(self.store, name, size, in_cloud_vm=True)
         check_cpus(cpus)
+        disk_files.check_beam(disks or [], in_place=disk_in_place)
         self.running_vm(cloud_vm)
         # Shared with moves, refused while it is stopped or started: a cloud VM never goes
         # away beneath a guest starting in it.
         with self.store.lock_cloud_vm(cloud_vm, shared=True):
             return await self._start_guest(name, self.running_vm(cloud_vm), size, pct,
-                                           image, net, cpus)
+                                           image, net, cpus, disks or [], disk_in_place)
 
     async def _start_guest(self, name: str, vm: CloudVMRecord, size: int, pct: int,
-                           image: str, net: bool | None, cpus: int) -> GuestRecord:
+                           image: str, net: bool | None, cpus: int,
+                           checked: list[tuple[Path, str, bool]],
+                           in_place: bool) -> GuestRecord:
         rec = GuestRecord(name=name, image=image, memory=size, touch=pct, accel="tcg",
                           qemu="qemu-system-x86_64", state=GuestState.STARTING,
                           cloud_vm=vm.name, tenant=vm.tenant, cpus=cpus)
@@ -366,12 +414,19 @@ class CloudOps:
                 await self.attach(vm, reg)
                 self.store.add_region(reg.region_id, name, vm.tenant, size, reg.size)
                 rec.region_id = reg.region_id
+                made: tuple[disk_files.Disk, ...] = ()
+                if checked:
+                    made = disk_files.new_disks(self.store.guest_dir(name), checked,
+                                                in_place=in_place, beam=True)
+                    rec.disks = disk_files.dumps(made)
+                    self.store.update_guest(rec)
+                    await self.attach_disks(vm, name, made)
                 # A copy of a guest of this name left by one stopped while this cloud VM
                 # was hung is stale by definition (the name was free): it goes first.
                 await self.agent(vm).stop_guest(name, kill=True)
                 started = await self.agent(vm).start_guest(
                     name, memory=size, image=image, touch=pct, region_id=reg.region_id,
-                    cpus=cpus, **self.nic_args(rec))
+                    cpus=cpus, disks=[d.wire(name) for d in made], **self.nic_args(rec))
                 rec.pid, rec.state = started.pid, GuestState.RUNNING
                 self.store.update_guest(rec)
                 return rec
@@ -382,7 +437,10 @@ class CloudOps:
                 with contextlib.suppress(VmbeamError):
                     await self.release(vm, rec.region_id)
                 self.store.remove_region(rec.region_id)
+            with contextlib.suppress(VmbeamError):
+                await self.release_disks(vm, name)
             self.store.remove_guest(name)
+            shutil.rmtree(self.store.state_dir / "guests" / name, ignore_errors=True)
             raise
 
     async def stop_guest(self, name: str) -> None:
@@ -405,9 +463,15 @@ class CloudOps:
                         timeout=None if home else SOURCE_QUIT_TIMEOUT)
                 for region_id in held:
                     await self.release(vm, region_id)
+                await self.release_disks(vm, name)
+            for vm in self.store.cloud_vms():  # a dead cloud VM holds nothing: records only
+                if any(a.get("guest") == name for a in vm.disks().values()):
+                    await self.release_disks(vm, name)
             for region_id in regions:
                 self.store.remove_region(region_id)
             self.store.remove_guest(name)
+            # Its overlays (on L0): no cloud VM holds them any more.
+            shutil.rmtree(self.store.state_dir / "guests" / name, ignore_errors=True)
 
     async def l2_status(self, vm_name: str, name: str, wait: float = 0,
                         timeout: float | None = None) -> L2Status:
@@ -456,7 +520,7 @@ class CloudOps:
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
             instance=rec.instance, serial_log="", cloud_vm=rec.cloud_vm, tenant=rec.tenant,
             cpus=rec.cpus,
-            ip=rec.ip, busy=busy)
+            ip=rec.ip, busy=busy, disks=[d.to_json() for d in self.disks_of(rec)])
 
     async def stop(self, rec: GuestRecord) -> None:
         await self.stop_guest(rec.name)

@@ -7,6 +7,8 @@ from the same :class:`MachineSpec` and differ only in fds, sockets and ``-incomi
 
 from __future__ import annotations
 
+import functools
+import subprocess
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -72,6 +74,32 @@ class MachineSpec:
         return args
 
 
+# Where /dev/kvm refuses the IA32_ARCH_CAPABILITIES value QEMU derives from the host (kvm_pvm
+# on an AMD EPYC host: "failed to set MSR 0x10a", then an assertion aborts QEMU at its first
+# vCPU reset), the guest gets the host CPU without that MSR (docs/design.md §11).
+KVM_CPU_MODELS = ("host", "host,-arch-capabilities")
+
+
+@functools.lru_cache(maxsize=8)
+def kvm_cpu(qemu: str) -> str:
+    """The ``-cpu`` for KVM guests of ``qemu``: the first of :data:`KVM_CPU_MODELS` under
+    which it starts (paused, no guest code runs: ~50 ms), checked once per process."""
+    for model in KVM_CPU_MODELS:
+        try:
+            out = subprocess.run(
+                [qemu, "-accel", "kvm", "-cpu", model, "-machine", "q35", "-m", "16M",
+                 "-nodefaults", "-no-user-config", "-display", "none", "-S", "-qmp", "stdio"],
+                input='{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
+                capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            break
+        if out.returncode == 0:
+            return model
+        if "MSR 0x10a" not in out.stderr:
+            break  # another failure: the guest's own start reports it
+    return KVM_CPU_MODELS[0]
+
+
 def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
                ram_fd: int | None = None, ram_path: str | None = None, ram_offset: int = 0,
                incoming: list[str] | None = None,
@@ -113,7 +141,7 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
     if spec.cpus != 1:  # 1 is QEMU's default: older guests' argv stays as it was
         argv += ["-smp", str(spec.cpus)]
     if spec.accel == "kvm":
-        argv += ["-cpu", "host"]
+        argv += ["-cpu", kvm_cpu(spec.qemu)]
     if spec.nic is not None:
         tap, mac = spec.nic
         argv += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
