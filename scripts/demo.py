@@ -163,7 +163,7 @@ async def disk_guest(host: Host, state: Path) -> tuple[list[MigrationResult], bo
     expect = bytearray(size)
     say("a 2-vCPU guest with a 16 MiB qcow2 disk in l1a (a beam disk: L0's file)...")
     rec = await host.cloud.start_guest("demo-disk", "l1a", "64M", touch=40, cpus=2,
-                                       disks=host.check_disks([str(user)]))
+                                       disks=host.check_disks([str(user)], beam=True))
     await host.cloud.wait_heartbeat(rec, timeout=300)
 
     async def write(pattern: int, at: int) -> None:

@@ -281,7 +281,7 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
         if cloud_vm:
             rec = await host.cloud.start_guest(
                 name, cloud_vm, memory, image=image, touch=touch, net=net, cpus=cpus,
-                disks=host.check_disks(disks, in_place=disk_in_place),
+                disks=host.check_disks(disks, in_place=disk_in_place, beam=True),
                 disk_in_place=disk_in_place)
             try:
                 if wait and await host.cloud.wait_heartbeat(rec, timeout=1200) is None:

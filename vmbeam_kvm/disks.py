@@ -201,8 +201,8 @@ def writers(path: Path, pids: list[int]) -> list[int]:
     return [p for p in pids if WRITE_HELD in lock_bytes(path, p)]
 
 
-def check_disks(paths: list[str], *, in_place: bool,
-                taken: dict[str, tuple[str, bool]]) -> list[tuple[Path, str, bool]]:
+def check_disks(paths: list[str], *, in_place: bool, taken: dict[str, tuple[str, bool]],
+                beam: bool = False) -> list[tuple[Path, str, bool]]:
     """Check a new guest's disk files: (absolute path, format, O_DIRECT) for each; raises
     BadInputError for a missing file, an unknown format, a file given twice, or one in use
     (``taken``: user file -> (guest of this store that has it, written in place); or a
@@ -225,6 +225,12 @@ def check_disks(paths: list[str], *, in_place: bool,
         fmt = image_format(path)
         if fmt not in FORMATS:
             raise BadInputError(f"disk {path} is {shown(fmt)}: use qcow2 or raw")
+        if beam and in_place and fmt == "qcow2":
+            # It would have to grow past the block device it is plugged as (make_room);
+            # an overlay gets that room, the user's file is not resized behind their back.
+            raise BadInputError(f"disk {path} is qcow2: in a cloud VM a disk written in "
+                                f"place must be raw (use an overlay: leave out "
+                                f"--disk-in-place)")
         other = taken.get(str(path))
         if other is not None and (in_place or other[1]):
             raise BadInputError(f"disk {path} is in use by guest {other[0]!r}")
@@ -234,16 +240,6 @@ def check_disks(paths: list[str], *, in_place: bool,
                                 f"image lock)")
         out.append((path, fmt, supports_direct(path)))
     return out
-
-
-def check_beam(checked: list[tuple[Path, str, bool]], *, in_place: bool) -> None:
-    """Refuse a qcow2 file written in place by a guest in a cloud VM: it would need to grow
-    past the block device it is plugged as (an overlay gets that room, the user's file is
-    not resized behind their back)."""
-    for path, fmt, _direct in checked:
-        if in_place and fmt == "qcow2":
-            raise BadInputError(f"disk {path} is qcow2: in a cloud VM a disk written in place "
-                                f"must be raw (use an overlay: leave out --disk-in-place)")
 
 
 def check_copy(guest: str, disks: tuple[Disk, ...]) -> None:

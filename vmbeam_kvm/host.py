@@ -205,7 +205,7 @@ class Host:
             raise BadInputError(f"unknown RAM backend {shown(backend)}")
         check_new_guest(self.store, name, size, in_cloud_vm=cloud_vm is not None)
         check_cpus(cpus)
-        checked = self.check_disks(disks, in_place=disk_in_place)
+        self.check_disks(disks, in_place=disk_in_place, beam=cloud_vm is not None)
         if cloud_vm is None:
             qemu_path = self.settings.resolve_qemu(qemu)
             # Missing images, like the rest, are refused before anything is recorded.
@@ -219,7 +219,6 @@ class Host:
                     raise BadInputError("--hugepages applies to beam-region guests")
                 check_huge_pages(size)
             return size, pct, img
-        disk_files.check_beam(checked, in_place=disk_in_place)
         if hugepages:
             raise BadInputError("--hugepages applies to guests on this host: a cloud VM "
                                 "maps its guests' regions as PCI BARs of its own")
@@ -234,15 +233,15 @@ class Host:
                                 f"{ROOT_PORTS} regions)")
         return size, pct, img
 
-    def check_disks(self, paths: list[str] | tuple[str, ...], *, in_place: bool = False
-                    ) -> list[tuple[Path, str, bool]]:
-        """Refuse a new guest's disks (missing, unknown format, in use); returns them
-        checked (absolute path, format, O_DIRECT)."""
+    def check_disks(self, paths: list[str] | tuple[str, ...], *, in_place: bool = False,
+                    beam: bool = False) -> list[tuple[Path, str, bool]]:
+        """Refuse a new guest's disks (missing, unknown format, in use; ``beam``: for a
+        guest in a cloud VM); returns them checked (absolute path, format, O_DIRECT)."""
         if not isinstance(paths, list | tuple):
             raise BadInputError(f"disks must be a list of paths, not {shown(paths)}")
         taken = {d.user_file: (r.name, d.mode == disk_files.DiskMode.IN_PLACE)
                  for r in self.store.guests() for d in disk_files.loads(r.disks)}
-        return disk_files.check_disks(list(paths), in_place=in_place, taken=taken)
+        return disk_files.check_disks(list(paths), in_place=in_place, taken=taken, beam=beam)
 
     def _cloud_vm(self, name: str) -> CloudVMRecord:
         if not isinstance(name, str):
@@ -294,7 +293,8 @@ class Host:
         if cloud_vm is not None:
             await self.cloud.start_guest(name, cloud_vm, size, image=image, touch=pct,
                                          net=net, cpus=cpus,
-                                         disks=self.check_disks(disks, in_place=disk_in_place),
+                                         disks=self.check_disks(disks, in_place=disk_in_place,
+                                                                beam=True),
                                          disk_in_place=disk_in_place)
             return Guest(self, name)
         qemu_path = self.settings.resolve_qemu(qemu)

@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 
 from ..checks import check_movable, check_tail_window
-from ..disks import check_copy
+from ..disks import check_copy, loads
 from ..errors import BadInputError
 from ..placement.cloud import CloudOps
 from ..placement.local import LocalPlacement
@@ -131,7 +131,7 @@ async def migrate_between(ops: CloudOps, name: str, to: str, opts: MigrationOpti
         opts, why = choose_mode(opts, rec)
         if opts.mode is MigrationMode.CPR_TRANSFER:
             raise BadInputError("cpr-transfer is a local-only mode")
-        if opts.mode is MigrationMode.PRECOPY and rec.disks not in ("", "[]"):
+        if opts.mode is MigrationMode.PRECOPY and loads(rec.disks):
             # Not built yet between cloud VMs (the NBD stream would cross the L1-L1 net).
             raise BadInputError(f"guest {name!r} has disks: between cloud VMs it moves "
                                 f"zero-copy (its disks shared), not by precopy")

@@ -173,9 +173,6 @@ class CloudOps:
                 else:
                     cur.attachments.pop(key, None)
 
-    def disks_of(self, rec: GuestRecord) -> tuple[disk_files.Disk, ...]:
-        return disk_files.loads(rec.disks)
-
     async def release(self, vm: CloudVMRecord, region_id: str) -> None:
         """Hot-unplug ``region_id`` from ``vm`` (waiting for the eject) and record it; a
         dead cloud VM's QEMU holds nothing any more, so only the record changes."""
@@ -381,8 +378,9 @@ class CloudOps:
         """Create the guest's region on L0, attach it to ``cloud_vm``, start the L2 there.
 
         ``net`` gives the guest a NIC on the lab network (default: for Linux guests);
-        ``disks``: files checked by :func:`~vmbeam_kvm.disks.check_disks`, given to it as
-        beam disks (an overlay each in its state dir unless ``disk_in_place``).
+        ``disks``: files checked by :meth:`~vmbeam_kvm.host.Host.check_disks` (``beam``),
+        given to it as beam disks (an overlay each in its state dir unless
+        ``disk_in_place``).
         Raises BadInputError (nothing changed) or the error that stopped it (everything
         started is undone).
         """
@@ -391,7 +389,6 @@ class CloudOps:
             raise BadInputError(f"unknown image {image!r}: use test or linux")
         check_new_guest(self.store, name, size, in_cloud_vm=True)
         check_cpus(cpus)
-        disk_files.check_beam(disks or [], in_place=disk_in_place)
         self.running_vm(cloud_vm)
         # Shared with moves, refused while it is stopped or started: a cloud VM never goes
         # away beneath a guest starting in it.
@@ -437,8 +434,9 @@ class CloudOps:
                 with contextlib.suppress(VmbeamError):
                     await self.release(vm, rec.region_id)
                 self.store.remove_region(rec.region_id)
-            with contextlib.suppress(VmbeamError):
-                await self.release_disks(vm, name)
+            if rec.disks:
+                with contextlib.suppress(VmbeamError):
+                    await self.release_disks(vm, name)
             self.store.remove_guest(name)
             shutil.rmtree(self.store.state_dir / "guests" / name, ignore_errors=True)
             raise
@@ -451,22 +449,18 @@ class CloudOps:
             regions = {r["region_id"] for r in self.store.regions() if r["guest"] == name}
             regions |= {rec.region_id} - {""}
             for vm in self.store.cloud_vms():
-                held = [r for r in regions if r in vm.attachments]
-                if vm.state is not CloudVMState.RUNNING or not self.l1(vm).alive():
-                    continue
-                # Every cloud VM is asked: one that was hung when the guest left it may
-                # still hold a stale copy (README "Patched QEMU").
-                home = vm.name == rec.cloud_vm
-                with contextlib.suppress(AgentError):
-                    await self.agent(vm).stop_guest(
-                        name, kill=not home,
-                        timeout=None if home else SOURCE_QUIT_TIMEOUT)
-                for region_id in held:
-                    await self.release(vm, region_id)
-                await self.release_disks(vm, name)
-            for vm in self.store.cloud_vms():  # a dead cloud VM holds nothing: records only
+                if vm.state is CloudVMState.RUNNING and self.l1(vm).alive():
+                    # Every cloud VM is asked: one that was hung when the guest left it may
+                    # still hold a stale copy (README "Patched QEMU").
+                    home = vm.name == rec.cloud_vm
+                    with contextlib.suppress(AgentError):
+                        await self.agent(vm).stop_guest(
+                            name, kill=not home,
+                            timeout=None if home else SOURCE_QUIT_TIMEOUT)
+                    for region_id in [r for r in regions if r in vm.attachments]:
+                        await self.release(vm, region_id)
                 if any(a.get("guest") == name for a in vm.disks().values()):
-                    await self.release_disks(vm, name)
+                    await self.release_disks(vm, name)  # a dead cloud VM's: records only
             for region_id in regions:
                 self.store.remove_region(region_id)
             self.store.remove_guest(name)
@@ -520,7 +514,7 @@ class CloudOps:
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
             instance=rec.instance, serial_log="", cloud_vm=rec.cloud_vm, tenant=rec.tenant,
             cpus=rec.cpus,
-            ip=rec.ip, busy=busy, disks=[d.to_json() for d in self.disks_of(rec)])
+            ip=rec.ip, busy=busy, disks=[d.to_json() for d in disk_files.loads(rec.disks)])
 
     async def stop(self, rec: GuestRecord) -> None:
         await self.stop_guest(rec.name)
