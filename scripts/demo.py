@@ -2,9 +2,10 @@
 
 Default (nested): lab up (cloud VMs l1a, l1b of tenant-a and l1c of tenant-b), start a guest
 in l1a, move it zero-copy to l1b and back, then by precopy for comparison, then evacuate l1b
-(that guest and two more) into l1a at once; then a 2-vCPU guest with a disk (a beam disk:
-L0's qcow2 file) moves l1a -> l1b -> l1a with its disk shared, and every write made before
-a move is read back from L0 afterwards; lab down.
+(that guest and two more) into l1a at once; then a 2-vCPU guest booted from a qcow2 image
+through firmware, with a data disk and a NIC (beam disks: L0's qcow2 files), moves
+l1a -> l1b -> l1a with its disks shared, and every write made before a move is read back
+from L0 afterwards; lab down.
 ``--flat``: the same guest moved between two QEMU processes on this host.
 
 Uses the Python API end to end; the state directory and lab namespace are private to the
@@ -140,7 +141,8 @@ async def nested(memory: str) -> int:
             pause = "n/a" if m.pause_ms is None else f"{m.pause_ms:.1f} ms"
             print(f"  {m.guest:8} {m.source_cloud_vm} -> {m.dest_cloud_vm}: {m.status}, the "
                   f"guest saw a pause of {pause}")
-        print("\na 2-vCPU guest with a beam disk (16 MiB qcow2 on L0), zero-copy l1a>l1b>l1a:\n")
+        print("\na 2-vCPU guest booted from a qcow2 image, with a data disk and a NIC (beam "
+              "disks: qcow2 files on L0), zero-copy l1a>l1b>l1a:\n")
         print(table(disk_results))
         for r in disk_results:
             print(f"  {_label(r)}: disks {r.disks}, disk bytes copied {r.disk_bytes_copied}, "
@@ -148,27 +150,35 @@ async def nested(memory: str) -> int:
         print(f"  every acknowledged write read back intact from L0: {disk_ok}")
         ok = (all(r.guest_ok for r in results + disk_results) and bool(st.memory_ok)
               and refused and ev.exit_code == 0 and st.cloud_vm == "l1a" and disk_ok
-              and all(r.disk_bytes_copied == 0 and len(r.disks) == 1 for r in disk_results))
+              and all(r.disk_bytes_copied == 0 and len(r.disks) == 2 for r in disk_results))
         if ok:
             verdict[0] = "ok"
         return 0 if ok else 1
 
 
 async def disk_guest(host: Host, state: Path) -> tuple[list[MigrationResult], bool]:
-    """A 2-vCPU guest with a disk moved l1a -> l1b -> l1a; whether every write made through
-    its L2 QEMU (HMP qemu-io, acknowledged when it returns) reads back from L0's file."""
+    """A guest booted from a qcow2 image through firmware (images/bootdisk: SYSLINUX and
+    the test guest on it), with a data disk, 2 vCPUs and a NIC, moved l1a -> l1b -> l1a;
+    whether every write made through its L2 QEMU to the data disk (HMP qemu-io,
+    acknowledged when it returns) reads back from L0's file."""
     size, mib = 16 << 20, 1 << 20
-    user = state / "demo-disk.qcow2"
+    boot, user = state / "demo-boot.qcow2", state / "demo-disk.qcow2"
+    shutil.copyfile(host.settings.images_dir / "testguest-disk.qcow2", boot)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(user), str(size)], check=True)
     expect = bytearray(size)
-    say("a 2-vCPU guest with a 16 MiB qcow2 disk in l1a (a beam disk: L0's file)...")
-    rec = await host.cloud.start_guest("demo-disk", "l1a", "64M", touch=40, cpus=2,
-                                       disks=host.check_disks([str(user)], beam=True))
+    say("a 2-vCPU guest booted from a qcow2 image, with a 16 MiB data disk and a NIC, in l1a "
+        "(beam disks: L0's files)...")
+    rec = await host.cloud.start_guest("demo-disk", "l1a", "64M", cpus=2, net=True,
+                                       disks=host.check_disks([str(boot), str(user)],
+                                                              beam=True))
     await host.cloud.wait_heartbeat(rec, timeout=300)
 
-    async def write(pattern: int, at: int) -> None:
+    async def io(cmd: str) -> None:
         await host.cloud.qmp(host.store.get_guest("demo-disk"), "human-monitor-command", {
-            "command-line": f'qemu-io -d disk0-dev/virtio-backend "write -P {pattern} {at} 1M"'})
+            "command-line": f'qemu-io -d disk1-dev/virtio-backend "{cmd}"'})
+
+    async def write(pattern: int, at: int) -> None:
+        await io(f"write -P {pattern} {at} 1M")
         expect[at:at + mib] = bytes([pattern]) * mib
 
     results = []
@@ -177,10 +187,9 @@ async def disk_guest(host: Host, state: Path) -> tuple[list[MigrationResult], bo
         say(f"migrating the disk guest to {to} by zero-copy...")
         results.append(await host.cloud.migrate("demo-disk", to, MigrationMode.ZERO_COPY))
         await write(0x21 + n, (n + 1) * mib)
+    await io("flush")
     g = host.store.get_guest("demo-disk")
-    await host.cloud.qmp(g, "human-monitor-command",
-                         {"command-line": 'qemu-io -d disk0-dev/virtio-backend "flush"'})
-    overlay, back = json.loads(g.disks)[0]["path"], state / "demo-disk.raw"
+    overlay, back = json.loads(g.disks)[1]["path"], state / "demo-disk.raw"
     subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", overlay, str(back)], check=True)
     intact = back.read_bytes() == bytes(expect)
     await host.stop_guest("demo-disk")

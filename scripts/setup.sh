@@ -37,5 +37,6 @@ ln -sfn "$qemu_path" build/qemu/qemu-system-x86_64
 
 step "building guest images (incremental)"
 make -s -C images/testguest OUT="$PWD/build/images"
+make -s -C images/bootdisk OUT="$PWD/build/images"
 make -s -C images/linux OUT="$PWD/build/images"
 make -s -C images/cloudvm OUT="$PWD/build/images"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -79,15 +80,15 @@ async def disk_nodes(host: Host, vm: str) -> list[str]:
 class Contents:
     """What the guest's disk must hold: the user's bytes plus every acknowledged write."""
 
-    def __init__(self, host: Host, name: str) -> None:
-        self.host, self.name = host, name
+    def __init__(self, host: Host, name: str, index: int = 0) -> None:
+        self.host, self.name, self.index = host, name, index
         self.data = bytearray(DISK)
         self.data[:MiB] = b"\xa5" * MiB
 
     async def io(self, cmd: str) -> None:
         rec = self.host.store.get_guest(self.name)
         await self.host.cloud.qmp(rec, "human-monitor-command", {
-            "command-line": f'qemu-io -d disk0-dev/virtio-backend "{cmd}"'})
+            "command-line": f'qemu-io -d disk{self.index}-dev/virtio-backend "{cmd}"'})
 
     async def write(self, pattern: int, offset: int) -> None:
         await self.io(f"write -P {pattern:#x} {offset} 64k")
@@ -96,7 +97,7 @@ class Contents:
     async def check(self, tmp: Path) -> None:
         """Read whole from L0 after a flush by the L2 that runs the guest."""
         await self.io("flush")
-        overlay = loads(self.host.store.get_guest(self.name).disks)[0].path
+        overlay = loads(self.host.store.get_guest(self.name).disks)[self.index].path
         out = tmp / "read-back.raw"
         subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", overlay, str(out)],
                        check=True)
@@ -105,19 +106,22 @@ class Contents:
         assert_same_bytes(got, self.data)
 
 
-async def check_plugged_only_where_it_runs(host: Host, name: str, user: str) -> None:
-    """The overlay and its backing are held by the QEMU of the cloud VM the guest runs in,
-    by no other (fds, block nodes, image locks); only that one may write the overlay."""
+async def check_plugged_only_where_it_runs(host: Host, name: str) -> None:
+    """Each disk's overlay and its backing (the user's file) are held by the QEMU of the
+    cloud VM the guest runs in, by no other (fds, block nodes, image locks); only that one
+    may write the overlay, nobody the user's file."""
     rec = host.store.get_guest(name)
-    overlay = loads(rec.disks)[0].path
-    assert holders(host, overlay) == [rec.cloud_vm]
-    assert holders(host, user) == [rec.cloud_vm]
+    disks = loads(rec.disks)
+    for d in disks:
+        assert holders(host, d.path) == [rec.cloud_vm]
+        assert holders(host, d.user_file) == [rec.cloud_vm]
     for vm in VMS:
         nodes = await disk_nodes(host, vm)
-        assert (len(nodes) == 2) == (vm == rec.cloud_vm), (vm, nodes)
+        assert len(nodes) == (2 * len(disks) if vm == rec.cloud_vm else 0), (vm, nodes)
         pid = host.store.get_cloud_vm(vm).pid
-        assert (101 in lock_bytes(Path(overlay), pid)) == (vm == rec.cloud_vm)
-        assert 101 not in lock_bytes(Path(user), pid)  # the user's file: nobody writes it
+        for d in disks:
+            assert (101 in lock_bytes(Path(d.path), pid)) == (vm == rec.cloud_vm)
+            assert 101 not in lock_bytes(Path(d.user_file), pid)
 
 
 @pytest.fixture
@@ -133,7 +137,7 @@ async def disk_guest(lab: dict[str, Any], lab_host: Host, tmp_path: Path
     user = make_user_disk(tmp_path / "user.qcow2")
     await lab_host.disconnect()
     st = cli(lab, "guest", "start", "bd", "--cloud-vm", "l1a", "--memory", "64M",
-             "--touch", "50", "--cpus", "2", "--disk", user)
+             "--image", "test", "--touch", "50", "--cpus", "2", "--disk", user)
     assert st["cloud_vm"] == "l1a" and st["cpus"] == 2
     (d,) = st["disks"]
     assert d["mode"] == "overlay" and d["backing"] == user and d["serial"] == "vmbeam-0"
@@ -158,7 +162,7 @@ async def test_beam_disk_moves_there_and_back_without_a_copy(
     before = digest(user)
     disk = Contents(host, name)
     await disk.check(tmp_path)  # the user's bytes, through the overlay, in the L2
-    await check_plugged_only_where_it_runs(host, name, user)
+    await check_plugged_only_where_it_runs(host, name)
     await disk.write(0x11, 2 * MiB)
     for n, dst in enumerate(("l1b", "l1a", "l1b")):
         res = await host.cloud.migrate(name, dst)
@@ -167,7 +171,7 @@ async def test_beam_disk_moves_there_and_back_without_a_copy(
         assert res.disk_bytes_copied == 0 and res.ram_transferred_bytes < MiB
         assert res.source_disks_revoked_ms is not None
         assert host.store.get_guest(name).cloud_vm == dst
-        await check_plugged_only_where_it_runs(host, name, user)
+        await check_plugged_only_where_it_runs(host, name)
         await disk.check(tmp_path)  # every write acknowledged before the move
         await disk.write(0x20 + n, (3 + n) * MiB)
         await disk.check(tmp_path)
@@ -179,6 +183,52 @@ async def test_beam_disk_moves_there_and_back_without_a_copy(
     vms = {v["name"]: v for v in cli(lab, "cloud-vm", "list")}
     overlay = loads(host.store.get_guest(name).disks)[0].path
     assert vms["l1b"]["disks"] == sorted([overlay, user]) and vms["l1a"]["disks"] == []
+
+
+async def test_guest_booted_from_its_qcow2_moves_there_and_back(
+        lab: dict[str, Any], lab_host: Host, tmp_path: Path) -> None:
+    """A guest as a user brings it: booted from their qcow2 through firmware (SeaBIOS,
+    SYSLINUX, the test guest on that disk), a data disk, 2 vCPUs and a NIC on the lab
+    network; l1a -> l1b -> l1a zero-copy with 0 disk bytes copied, every acknowledged write
+    intact, each disk plugged only where the guest runs, the user's files unchanged. The
+    firmware reads the disk by DMA into the L2's RAM (a mapping of /dev/mem): with O_DIRECT
+    in the L2 that read failed and the guest never booted (docs/design.md §11)."""
+    host = lab_host
+    boot = tmp_path / "boot.qcow2"
+    shutil.copyfile(host.settings.images_dir / "testguest-disk.qcow2", boot)
+    data = make_user_disk(tmp_path / "data.qcow2")
+    sums = digest(str(boot)), digest(data)
+    await host.disconnect()
+    st = cli(lab, "guest", "start", "fw", "--cloud-vm", "l1a", "--memory", "64M",
+             "--cpus", "2", "--net", "--disk", str(boot), "--disk", data, timeout=600)
+    try:
+        assert st["image"] == "disk" and st["cpus"] == 2 and st["ip"]
+        assert [d["backing"] for d in st["disks"]] == [str(boot), data]
+        hb = await host.cloud.wait_heartbeat(host.store.get_guest("fw"), timeout=600)
+        assert hb is not None and hb.ok  # the test guest SYSLINUX loaded from the disk
+        disk = Contents(host, "fw", index=1)
+        await check_plugged_only_where_it_runs(host, "fw")
+        mac = host.cloud.nic_args(host.store.get_guest("fw"))["mac"]
+        for n, dst in enumerate(("l1b", "l1a")):
+            await disk.write(0x70 + n, (2 + n) * MiB)
+            res = await host.cloud.migrate("fw", dst)
+            assert res.guest_ok is True and res.mode == "zero-copy"
+            assert res.disks == [{"id": f"disk{i}", "mode": "shared", "bytes_copied": 0}
+                                 for i in (0, 1)]
+            assert res.disk_bytes_copied == 0 and res.ram_transferred_bytes < MiB
+            await check_plugged_only_where_it_runs(host, "fw")
+            await disk.check(tmp_path)
+            rec = host.store.get_guest("fw")
+            assert len(await host.cloud.qmp(rec, "query-cpus-fast")) == 2
+            (nic,) = await host.cloud.qmp(rec, "query-rx-filter")
+            assert nic["main-mac"] == mac
+        assert (await host.status("fw")).memory_ok is True
+    finally:
+        await host.disconnect()
+        await host.stop_guest("fw", missing_ok=True)
+    assert (digest(str(boot)), digest(data)) == sums
+    for vm in VMS:
+        assert await disk_nodes(host, vm) == []
 
 
 async def test_relocate_revokes_a_paused_sources_disk(
@@ -213,7 +263,7 @@ async def test_relocate_revokes_a_paused_sources_disk(
     await disk.check(tmp_path)
     back = await host.cloud.migrate(name, "l1a")
     assert back.guest_ok is True and back.disk_bytes_copied == 0
-    await check_plugged_only_where_it_runs(host, name, user)
+    await check_plugged_only_where_it_runs(host, name)
     await disk.write(0x33, 4 * MiB)
     await disk.check(tmp_path)
 
@@ -234,7 +284,7 @@ async def test_failed_moves_keep_the_disk_with_the_source(
     destination's L2 killed during prepare, the command killed after prepare (journaled)
     and after the switch. No acknowledged write is lost, the disk stays plugged only where
     the guest runs, and the guest moves again."""
-    name, user = disk_guest
+    name, _user = disk_guest
     host = lab_host
     disk = Contents(host, name)
     for history in ("fresh", "moved", "moved-back"):
@@ -245,7 +295,7 @@ async def test_failed_moves_keep_the_disk_with_the_source(
         # The destination dies before the switch: the source keeps the guest and its disk.
         await _dest_dies_before_switch(host, name, dst)
         assert host.store.get_guest(name).cloud_vm == src, history
-        await check_plugged_only_where_it_runs(host, name, user)
+        await check_plugged_only_where_it_runs(host, name)
         await disk.write(pattern + 1, 3 * MiB)
         await disk.check(tmp_path)
         # The command dies after prepare: the next command drops the destination; after
@@ -258,13 +308,13 @@ async def test_failed_moves_keep_the_disk_with_the_source(
             await host.recover()
             rec = host.store.get_guest(name)
             assert rec.cloud_vm == where and rec.state is GuestState.RUNNING, (history, when)
-            await check_plugged_only_where_it_runs(host, name, user)
+            await check_plugged_only_where_it_runs(host, name)
             await disk.check(tmp_path)
         await disk.write(pattern + 2, 4 * MiB)
         # ...and it moves again: this move makes the next history.
         res = await host.cloud.migrate(name, src)
         assert res.guest_ok is True and res.disk_bytes_copied == 0, history
-        await check_plugged_only_where_it_runs(host, name, user)
+        await check_plugged_only_where_it_runs(host, name)
         await disk.check(tmp_path)
     assert qemu_pids(f"guests/{name}") == []  # no QEMU on L0 of the guest's own
 

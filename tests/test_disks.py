@@ -16,7 +16,9 @@ cheap honest option.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -112,7 +114,7 @@ async def disk_guest(host: Host, tmp_path: Path, request: pytest.FixtureRequest
                      ) -> AsyncIterator[tuple[Guest, str]]:
     backend = getattr(request, "param", RamBackend.REGION)
     user = make_user_disk(tmp_path / "user.qcow2", "qcow2")
-    async with await host.start_guest("dg", "64M", touch=50, disks=[user],
+    async with await host.start_guest("dg", "64M", image="test", touch=50, disks=[user],
                                       backend=backend) as g:
         await g.wait_ready(timeout=60)
         yield g, user
@@ -215,7 +217,7 @@ def test_bad_disks_are_refused(state_dir: Path, tmp_path: Path) -> None:
 async def test_in_place_disk(host: Host, tmp_path: Path) -> None:
     """``--disk-in-place``: the guest writes the user's file; it moves by sharing only."""
     user = make_user_disk(tmp_path / "inplace.raw")
-    async with await host.start_guest("ip", "64M", touch=50, disks=[user],
+    async with await host.start_guest("ip", "64M", image="test", touch=50, disks=[user],
                                       disk_in_place=True) as g:
         await g.wait_ready(timeout=60)
         (d,) = (await g.status()).disks
@@ -231,6 +233,78 @@ async def test_in_place_disk(host: Host, tmp_path: Path) -> None:
     with open(user, "rb") as f:  # the guest's write landed in the user's file itself
         f.seek(5 * MiB)
         assert f.read(65536) == b"\x55" * 65536
+
+
+# -- guests that boot from their disk through firmware ---------------------------------------
+def boot_image(host: Host, tmp_path: Path) -> str:
+    """The user's bootable qcow2: images/bootdisk's (SYSLINUX booting the test guest)."""
+    src = host.settings.images_dir / "testguest-disk.qcow2"
+    assert src.is_file(), "run `make images`"
+    dst = tmp_path / "boot.qcow2"
+    shutil.copyfile(src, dst)
+    return str(dst)
+
+
+async def test_guest_boots_from_its_qcow2_and_moves_by_every_method(
+        host: Host, tmp_path: Path) -> None:
+    """No --image: SeaBIOS boots the first disk (SYSLINUX, then the test guest from it),
+    with a data disk and 2 vCPUs; zero-copy, precopy and zero-copy again keep every
+    acknowledged write and the guest's memory; the user's files are never written."""
+    boot, data = boot_image(host, tmp_path), make_user_disk(tmp_path / "data.qcow2", "qcow2")
+    sums = digest(boot), digest(data)
+    proc = run_cli(host.settings.state_dir, "guest", "start", "fw", "--memory", "64M",
+                   "--cpus", "2", "--disk", boot, "--disk", data, "--json")
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(proc.stdout)
+    assert st["image"] == "disk" and st["cpus"] == 2
+    assert [d["backing"] for d in st["disks"]] == [boot, data]
+    g = await host.guest("fw")
+    try:
+        await g.wait_ready(timeout=120)
+        serial = Path(g.record.serial_path).read_text()
+        assert "touch=50" in serial  # the command line SYSLINUX read from the disk
+        disk = Contents()
+        for n, mode in enumerate((ZC, PC, ZC)):
+            await disk.write(g, 0x70 + n, (2 + n) * MiB, "disk1")
+            res = await g.migrate(MigrationOptions(mode=mode))
+            assert res.guest_ok is True, mode
+            assert [d["id"] for d in res.disks] == ["disk0", "disk1"]
+            assert (res.disk_bytes_copied == 0) == (mode is ZC), (mode, res.disks)
+            await disk.check(g, tmp_path, disk=1)
+            check_sole_writer(g)
+            assert len(await g.qmp("query-cpus-fast")) == 2
+        assert (await g.status()).memory_ok is True
+    finally:
+        await host.stop_guest("fw")
+    assert (digest(boot), digest(data)) == sums
+    assert qemu_pids(str(host.settings.state_dir)) == []
+
+
+async def test_guest_without_heartbeats_moves_unchecked(host: Host, tmp_path: Path) -> None:
+    """A disk whose OS sends no heartbeat (here a boot sector that spins): `guest start`
+    returns once QEMU runs, and a move reports the guest unchecked (guest_ok None), not
+    failed."""
+    spin = tmp_path / "spin.raw"
+    with open(spin, "wb") as f:
+        f.truncate(MiB)
+        f.write(b"\xeb\xfe" + bytes(508) + b"\x55\xaa")  # jmp $; boot signature
+    proc = run_cli(host.settings.state_dir, "guest", "start", "spin", "--memory", "64M",
+                   "--disk", str(spin), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["image"] == "disk"
+    g = await host.guest("spin")
+    try:
+        res = await g.migrate(MigrationOptions(mode=ZC))
+        assert res.status == "completed" and res.guest_ok is None
+        assert (await g.qmp("query-status"))["status"] == "running"
+    finally:
+        await host.stop_guest("spin")
+
+
+def test_disk_image_needs_a_disk(state_dir: Path) -> None:
+    proc = run_cli(state_dir, "guest", "start", "nd", "--memory", "64M", "--image", "disk")
+    assert proc.returncode == 2 and "--disk" in proc.stderr.strip().splitlines()[-1]
+    assert not (state_dir / "guests" / "nd").exists()
 
 
 # -- the disk cells of the fault matrix (flat) ----------------------------------------------

@@ -240,7 +240,9 @@ def guest() -> None:
 @guest.command("start")
 @click.argument("name")
 @click.option("--memory", required=True, help="Guest RAM, e.g. 256M or 1G.")
-@click.option("--image", type=click.Choice(["test", "linux"]), default="test", show_default=True)
+@click.option("--image", type=click.Choice(["test", "linux", "disk"]),
+              help="What boots: the test guest, the Linux test guest, or the first --disk "
+              "through firmware (default: disk with --disk, else test).")
 @click.option("--touch", default="70%", show_default=True,
               help="Share of RAM the guest fills and keeps mutating.")
 @click.option("--qemu", help="QEMU binary (default qemu-system-x86_64).")
@@ -258,11 +260,13 @@ def guest() -> None:
 @click.option("--disk-in-place", is_flag=True,
               help="The guest writes its --disk files themselves (no overlay).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
-              help="Wait for the guest's first heartbeat.")
+              help="Wait for the guest's first heartbeat (test and linux images; a guest "
+              "booted from its disk is running once its QEMU runs).")
 @json_option
 @click.pass_context
 @command
-async def guest_start(ctx: click.Context, name: str, memory: str, image: str, touch: str,
+async def guest_start(ctx: click.Context, name: str, memory: str, image: str | None,
+                      touch: str,
                       qemu: str | None, cloud_vm: str | None, net: bool | None,
                       hugepages: bool, cpus: int, disks: tuple[str, ...], disk_in_place: bool,
                       wait: bool, as_json: bool) -> None:
@@ -272,12 +276,14 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str, to
     check_guest_memory(memory, in_cloud_vm=cloud_vm is not None)
     parse_percent(touch)
     async with Host(_settings(ctx)) as host:
-        host.check_new_guest(name, memory, image=image, touch=touch, qemu=qemu,
-                             cloud_vm=cloud_vm, hugepages=hugepages, cpus=cpus, disks=disks,
-                             disk_in_place=disk_in_place)
+        _, _, img = host.check_new_guest(name, memory, image=image, touch=touch, qemu=qemu,
+                                         cloud_vm=cloud_vm, hugepages=hugepages, cpus=cpus,
+                                         disks=disks, disk_in_place=disk_in_place)
+        image, wait = img.value, wait and img.heartbeats
         where = f" in cloud VM {cloud_vm}" if cloud_vm else ""
         _progress(f"starting guest {name}{where} ({memory}, {cpus} vCPU"
-                  f"{'s' if cpus > 1 else ''}, image {image}, touch {touch})")
+                  f"{'s' if cpus > 1 else ''}, image {image}"
+                  + (f", touch {touch})" if img.heartbeats else ")"))
         if cloud_vm:
             rec = await host.cloud.start_guest(
                 name, cloud_vm, memory, image=image, touch=touch, net=net, cpus=cpus,

@@ -86,19 +86,24 @@ class Disk:
     @classmethod
     def from_wire(cls, d: dict[str, Any], path: str, base: str | None) -> Disk:
         """The disk as an L2 in a cloud VM opens it: the block devices ``path`` (and
-        ``base``) that carry L0's files, O_DIRECT (no page cache in the L1)."""
+        ``base``) that carry L0's files, through the L1's page cache: the L2's RAM is a
+        PFN mapping of /dev/mem that O_DIRECT cannot DMA into (docs/design.md §11)."""
         return cls(int(d["index"]), path, base or path, str(d["user_format"]),
-                   str(d["mode"]), True)
+                   str(d["mode"]), False)
 
-    def blockdev_args(self) -> list[str]:
-        """``-blockdev`` (JSON: no escaping of paths) and ``-device`` arguments."""
+    def blockdev_args(self, *, boot: bool = False) -> list[str]:
+        """``-blockdev`` (JSON: no escaping of paths) and ``-device`` arguments; ``boot``:
+        the disk the firmware boots (bootindex 0)."""
         cache = {"direct": self.direct, "no-flush": False}
 
         def file_node(name: str, path: str, ro: bool) -> dict[str, Any]:
             # A block device: a beam disk as the agent found it in a cloud VM.
             driver = "host_device" if path.startswith("/dev/") else "file"
+            # drop-cache (QEMU's default, said here because beam disks rely on it): an
+            # incoming QEMU drops the page cache of its files when it activates them, so
+            # nothing read before the source's last flush is served afterwards.
             return {"driver": driver, "node-name": name, "filename": path, "read-only": ro,
-                    "locking": "on", "cache": cache}
+                    "locking": "on", "cache": cache, "drop-cache": True}
 
         nodes: list[dict[str, Any]] = []
         if self.mode == DiskMode.OVERLAY:
@@ -115,6 +120,8 @@ class Disk:
         for node in nodes:
             args += ["-blockdev", json.dumps(node)]
         dev = f"virtio-blk-pci,drive={self.id},id={self.id}-dev,serial={self.serial}"
+        if boot:
+            dev += ",bootindex=0"
         return [*args, "-device", dev]
 
     def to_json(self) -> dict[str, Any]:

@@ -186,7 +186,7 @@ class Host:
         """Refuse a new guest's name and size before anything is recorded or started."""
         check_new_guest(self.store, name, memory, in_cloud_vm=in_cloud_vm)
 
-    def check_new_guest(self, name: str, memory: int | str, *, image: str = "test",
+    def check_new_guest(self, name: str, memory: int | str, *, image: str | None = None,
                         touch: int | str = 70, qemu: str | None = None,
                         backend: RamBackend = RamBackend.REGION,
                         cloud_vm: str | None = None,
@@ -197,10 +197,7 @@ class Host:
         returns (memory bytes, touch percent, image) or raises :class:`BadInputError`."""
         size = parse_size(memory)
         pct = parse_percent(touch)
-        try:
-            img = GuestImage(image)
-        except ValueError:
-            raise BadInputError(f"unknown image {shown(image)}: use test or linux") from None
+        img = GuestImage.resolve(image, bool(disks))
         if not isinstance(backend, RamBackend):
             raise BadInputError(f"unknown RAM backend {shown(backend)}")
         check_new_guest(self.store, name, size, in_cloud_vm=cloud_vm is not None)
@@ -267,7 +264,7 @@ class Host:
             lab.check_owner(await lab.owner_of())
         return await self.cloud.start_cloud_vm(name, tenant, memory, cpus, lab=lab)
 
-    async def start_guest(self, name: str, memory: int | str, *, image: str = "test",
+    async def start_guest(self, name: str, memory: int | str, *, image: str | None = None,
                           touch: int | str = 70, qemu: str | None = None,
                           backend: RamBackend = RamBackend.REGION,
                           cloud_vm: str | None = None, net: bool | None = None,
@@ -291,7 +288,7 @@ class Host:
                                               hugepages=hugepages, cpus=cpus, disks=disks,
                                               disk_in_place=disk_in_place)
         if cloud_vm is not None:
-            await self.cloud.start_guest(name, cloud_vm, size, image=image, touch=pct,
+            await self.cloud.start_guest(name, cloud_vm, size, image=img.value, touch=pct,
                                          net=net, cpus=cpus,
                                          disks=self.check_disks(disks, in_place=disk_in_place,
                                                                 beam=True),

@@ -31,6 +31,7 @@ from ..config import CONFIRM_TIMEOUT, HANDOVER_TIMEOUT, PRECOPY_TIMEOUT
 from ..errors import GuestLostError, MigrationError, Rollback, VmbeamError
 from ..heartbeat import Heartbeat
 from ..qemu.features import SHARED_RAM_CHECK, guarantees
+from ..qemu.machine import GuestImage
 from ..store import GuestRecord, GuestState, MigrationPhase, Store
 from ..ticks import CHARDEV_ID as TICKS_CHARDEV
 from ..ticks import TickMeter, null_backend, tcp_backend
@@ -379,7 +380,9 @@ class MigrationRun:
             self.phases[MigrationPhase.RELOCATE.value] = round(
                 (time.monotonic() - self._mark) * 1000, 3)
             guest_ok: bool | None = None
-            if self.opts.verify_guest:
+            # A guest booted from its own disk may send no heartbeat: not checked (None).
+            if self.opts.verify_guest and (hb0 is not None
+                                           or GuestImage(self.rec.image).heartbeats):
                 hb1 = await route.wait_heartbeat(hb0.seq if hb0 else -1, route.guest_timeout)
                 guest_ok = hb1 is not None and hb1.ok
             await route.settle()

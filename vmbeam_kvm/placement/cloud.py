@@ -49,6 +49,7 @@ from ..config import (
 )
 from ..errors import AgentError, BadInputError, NetworkError, QMPCommandError, VmbeamError
 from ..heartbeat import Heartbeat
+from ..qemu.machine import GuestImage
 from ..qemu.process import ProcessRef, QemuProcess, kill_strays
 from ..region import BeamRegion
 from ..runtime import Runtime
@@ -371,7 +372,7 @@ class CloudOps:
         return {"mac": mac_for(f"l2:{rec.name}"), "ip": rec.ip} if rec.ip else {}
 
     async def start_guest(self, name: str, cloud_vm: str, memory: int | str, *,
-                          image: str = "test", touch: int | str = 70,
+                          image: str | None = None, touch: int | str = 70,
                           net: bool | None = None, cpus: int = 1,
                           disks: list[tuple[Path, str, bool]] | None = None,
                           disk_in_place: bool = False) -> GuestRecord:
@@ -385,8 +386,7 @@ class CloudOps:
         started is undone).
         """
         size, pct = parse_size(memory), parse_percent(touch)
-        if image not in ("test", "linux"):
-            raise BadInputError(f"unknown image {image!r}: use test or linux")
+        img = GuestImage.resolve(image, bool(disks))
         check_new_guest(self.store, name, size, in_cloud_vm=True)
         check_cpus(cpus)
         self.running_vm(cloud_vm)
@@ -394,7 +394,7 @@ class CloudOps:
         # away beneath a guest starting in it.
         with self.store.lock_cloud_vm(cloud_vm, shared=True):
             return await self._start_guest(name, self.running_vm(cloud_vm), size, pct,
-                                           image, net, cpus, disks or [], disk_in_place)
+                                           img.value, net, cpus, disks or [], disk_in_place)
 
     async def _start_guest(self, name: str, vm: CloudVMRecord, size: int, pct: int,
                            image: str, net: bool | None, cpus: int,

@@ -17,6 +17,7 @@ from ..disks import Disk
 from ..errors import BadInputError
 from ..ticks import CHARDEV_ID as TICKS_CHARDEV
 from ..ticks import chardev_arg
+from ..units import shown
 
 RAM_ID = "ram0"
 
@@ -26,6 +27,27 @@ class GuestImage(StrEnum):
 
     TEST = "test"    # freestanding heartbeat/pattern guest (images/testguest)
     LINUX = "linux"  # Debian cloud kernel (PVH vmlinux) + busybox initramfs (images/linux)
+    DISK = "disk"    # whatever the first disk boots through firmware (SeaBIOS)
+
+    @classmethod
+    def resolve(cls, image: str | None, has_disks: bool) -> GuestImage:
+        """The image of a new guest: as given, else its first disk when it has disks (the
+        user's image boots), else the test guest. Raises BadInputError."""
+        if image is None:
+            return cls.DISK if has_disks else cls.TEST
+        try:
+            img = cls(image)
+        except ValueError:
+            raise BadInputError(f"unknown image {shown(image)}: use test, linux or disk"
+                                ) from None
+        if img is cls.DISK and not has_disks:
+            raise BadInputError("--image disk boots the guest's first disk: give --disk PATH")
+        return img
+
+    @property
+    def heartbeats(self) -> bool:
+        """Whether every guest of this image reports heartbeats (a disk's OS may not)."""
+        return self is not GuestImage.DISK
 
 
 class RamBackend(StrEnum):
@@ -56,6 +78,11 @@ class MachineSpec:
     disks: tuple[Disk, ...] = ()  # virtio-blk disks (vmbeam_kvm.disks), in this order
 
     def boot_args(self) -> list[str]:
+        if self.image is GuestImage.DISK:
+            # SeaBIOS boots disk0 (bootindex=0 on its device, Disk.blockdev_args); nothing
+            # else is loaded, so both ends' ROMs are QEMU's own. GuestImage.resolve made
+            # sure there is a disk.
+            return []
         if self.image is GuestImage.TEST:
             kernel = self.images_dir / "testguest.bin"
             files = [kernel]
@@ -147,7 +174,7 @@ def build_argv(spec: MachineSpec, *, qmp_path: Path, serial_path: Path,
         argv += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
     for disk in spec.disks:
-        argv += disk.blockdev_args()
+        argv += disk.blockdev_args(boot=spec.image is GuestImage.DISK and disk is spec.disks[0])
     argv += spec.boot_args()
     for inc in incoming or []:
         argv += ["-incoming", inc]
