@@ -391,6 +391,13 @@ CLI_CASES: list[tuple[str, list[str], dict[str, str]]] = [
     ("bench flat hugepages odd", ["bench", "flat", "--sizes", "129M", "--hugepages"], {}),
     ("bench nested tail window", ["bench", "nested", "--sizes", "128M", "--tail-window",
                                   "-1"], {}),
+    *[(f"bench flat cpus {c!r}", ["bench", "flat", "--sizes", "128M", "--cpus", c], {})
+      for c in ["0", "65", "two", ","]],
+    *[(f"bench flat disk size {d!r}", ["bench", "flat", "--sizes", "128M", "--disk-size", d],
+       {}) for d in ["12Q", "1.5K", "", "99999T"]],
+    ("bench flat disk fill", ["bench", "flat", "--sizes", "128M", "--disk-size", "64M",
+                              "--disk-fill", "200%"], {}),
+    ("bench nested cpus", ["bench", "nested", "--sizes", "128M", "--cpus", "0"], {}),
     ("bench flat plot dir", ["bench", "flat", "--sizes", "128M", "--plot", "/tmp"], {}),
     ("bench flat plot missing", ["bench", "flat", "--sizes", "128M", "--plot",
                                  "/no/such/dir/x.png"], {}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,18 @@ def check_cpus(cpus: object) -> int:
     if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
         raise BadInputError(f"invalid CPU count {shown(cpus)}: use 1-{MAX_CPUS}")
     return cpus
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse ``what`` unless ``folder`` (or, not made yet, the nearest folder above it) has
+    ``need`` bytes free and 1 GiB to spare."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need and free < need + (1 << 30):
+        raise BadInputError(f"{what} writes {need / 1e9:.1f} GB into {folder}: only "
+                            f"{free / 1e9:.1f} GB free there")
 
 
 def mem_available() -> int:

@@ -25,7 +25,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import click
 
 from .bench import METHODS, PREFAULT, TAIL_WINDOW, bench_flat, markdown_table, plot
-from .checks import check_movable
+from .checks import check_cpus, check_free_space, check_movable
 from .cloudvm import CLOUD_VM_CPUS, ROOT_PORTS
 from .config import Accel, Settings
 from .errors import (
@@ -795,6 +795,27 @@ def _bench_sizes(sizes: str, *, in_cloud_vm: bool) -> list[int]:
     return size_list
 
 
+def _bench_guests(ctx: click.Context, cpus: str, disk_sizes: str, disk_fill: str
+                  ) -> tuple[list[int], list[int], int]:
+    """``--cpus``, ``--disk-size`` (0: no disk) and ``--disk-fill``, checked: vCPU counts,
+    disk sizes, the percentage of each disk written (the bench writes its data disks into
+    the state dir, so the largest fill must fit there)."""
+    try:
+        cpu_list = [check_cpus(int(c)) for c in cpus.split(",") if c.strip()]
+    except ValueError as exc:
+        raise BadInputError(f"invalid --cpus {cpus!r}: give e.g. 1,2,4,8") from exc
+    disk_list = [parse_size(d.strip()) for d in disk_sizes.split(",") if d.strip()]
+    if not cpu_list or not disk_list:
+        raise BadInputError("--cpus and --disk-size need at least one value each")
+    for d in disk_list:
+        if d % (1 << 20):
+            raise BadInputError(f"--disk-size {format_size(d)} is no whole number of MiB")
+    fill = parse_percent(disk_fill)
+    check_free_space(_settings(ctx).state_dir, max(disk_list) * fill // 100,
+                     f"--disk-size {format_size(max(disk_list))} at {fill}%")
+    return list(dict.fromkeys(cpu_list)), list(dict.fromkeys(disk_list)), fill
+
+
 def _check_plot_path(path: Path | None) -> None:
     """Refuse a plot that could not be written, before the benchmark rather than after."""
     if path is None:
@@ -806,6 +827,16 @@ def _check_plot_path(path: Path | None) -> None:
     parent = path.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise BadInputError(f"--plot {path}: {parent} is not a writable directory")
+
+
+def bench_guest_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that say which guests a bench moves, beside ``--sizes``."""
+    f = click.option("--disk-fill", default="10%", show_default=True,
+                     help="How much of each data disk is written before the moves.")(f)
+    f = click.option("--disk-size", default="0", show_default=True,
+                     help="Data disk sizes, e.g. 0,10G (0: no disk); each a row.")(f)
+    return click.option("--cpus", default="1", show_default=True,
+                        help="vCPU counts, e.g. 1,2,4,8; each a row.")(f)
 
 
 @bench.command("flat")
@@ -820,17 +851,21 @@ def _check_plot_path(path: Path | None) -> None:
               help="Leave precopy out for guests larger than this (e.g. 8G).")
 @click.option("--tail-window", type=click.FloatRange(0, 10), default=TAIL_WINDOW,
               show_default=True, help="Seconds of work rate compared (post_switch_slowdown).")
+@bench_guest_options
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path))
 @json_option
 @click.pass_context
 @command
 async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str, methods: str,
                          prefault: bool, hugepages: bool, precopy_max: str | None,
-                         tail_window: float, plot_path: Path | None, as_json: bool) -> None:
-    """Zero-copy vs precopy vs cpr-transfer on this host, per guest size."""
+                         tail_window: float, cpus: str, disk_size: str, disk_fill: str,
+                         plot_path: Path | None, as_json: bool) -> None:
+    """Zero-copy vs precopy vs cpr-transfer on this host, per guest size, vCPU count and
+    disk size."""
     # Every argument is checked before the first guest boots, not after minutes of runs.
     size_list = _bench_sizes(sizes, in_cloud_vm=False)
     pct = parse_percent(touch)
+    cpu_list, disk_list, fill = _bench_guests(ctx, cpus, disk_size, disk_fill)
     try:
         modes = [MigrationMode(m.strip()) for m in methods.split(",") if m.strip()]
         if any(m not in METHODS for m in modes):
@@ -849,7 +884,8 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
     async with Host(_settings(ctx)) as host:
         rows = await bench_flat(host, size_list, repeat=repeat, touch=pct, methods=modes,
                                 tail_window=tail_window, prefault=prefault,
-                                hugepages=hugepages, precopy_max=pre_max, progress=_progress)
+                                hugepages=hugepages, precopy_max=pre_max, cpus=cpu_list,
+                                disk_sizes=disk_list, disk_fill=fill, progress=_progress)
     if plot_path is not None:
         plot(rows, plot_path)
         _progress(f"plot written to {plot_path}")
@@ -867,18 +903,21 @@ async def bench_flat_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str
 @click.option("--guests", type=click.IntRange(0, ROOT_PORTS), default=0, show_default=True,
               help="Also evacuate this many guests of the first size at once, there and "
               "back (a row with method 'evacuate').")
+@bench_guest_options
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path))
 @json_option
 @click.pass_context
 @command
 async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: str,
-                           tail_window: float, guests: int, plot_path: Path | None,
-                           as_json: bool) -> None:
-    """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed)."""
+                           tail_window: float, guests: int, cpus: str, disk_size: str,
+                           disk_fill: str, plot_path: Path | None, as_json: bool) -> None:
+    """Zero-copy vs precopy between two co-located cloud VMs (boots the lab if needed), per
+    guest size, vCPU count and (beam) disk size."""
     from .bench import bench_evacuation, bench_nested
     from .lab import DEFAULT_LAB, lab_network, start_cloud_vms
     size_list = _bench_sizes(sizes, in_cloud_vm=True)
     pct = parse_percent(touch)
+    cpu_list, disk_list, fill = _bench_guests(ctx, cpus, disk_size, disk_fill)
     check_tail_window(tail_window)
     _check_plot_path(plot_path)
     _settings(ctx).check_lab()
@@ -892,6 +931,7 @@ async def bench_nested_cmd(ctx: click.Context, sizes: str, repeat: int, touch: s
             await start_cloud_vms(host, [("tenant-a", n) for n in started], net)
             rows = await bench_nested(host, size_list, cloud_vms=(pair[0], pair[1]),
                                       repeat=repeat, touch=pct, tail_window=tail_window,
+                                      cpus=cpu_list, disk_sizes=disk_list, disk_fill=fill,
                                       progress=_progress)
             evac = None if not guests else await bench_evacuation(
                 host, size_list[0], guests, cloud_vms=(pair[0], pair[1]), repeat=repeat,

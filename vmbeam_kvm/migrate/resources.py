@@ -17,8 +17,10 @@ A disk moves one of two ways (README, "Disks"):
   locking stays on throughout, so the destination could not start while the source still
   held the file: never two writers.
 * ``copied`` (precopy): the destination gets a new overlay on the same read-only backing,
-  exported by its NBD server; the source mirrors the disk into it (``blockdev-mirror``
-  ``sync=full``, ``copy-mode=write-blocking``: once ready, every guest write completes on both).
+  exported by its NBD server; the source mirrors its overlay into it (``blockdev-mirror``
+  ``sync=top``: only what the guest wrote, the user's file being the backing of both — as
+  libvirt's ``--copy-storage-inc``; ``copy-mode=write-blocking``: once ready, every guest
+  write completes on both).
   At ``pre-switchover`` (guest stopped, device state not yet final) the mirror is completed
   without a pivot and disconnected, so nothing of the source writes the copy once the
   destination runs; its bytes are the mirror job's count.
@@ -137,7 +139,7 @@ class DiskResource:
             "server": {"type": "unix", "path": str(self.nbd.sock)}})
         self._mirror = True
         await self.src_qmp("blockdev-mirror", {
-            "job-id": self.job, "device": self.id, "target": self.target, "sync": "full",
+            "job-id": self.job, "device": self.id, "target": self.target, "sync": "top",
             "copy-mode": "write-blocking"})
         deadline = time.monotonic() + DISK_MIRROR_TIMEOUT
         while True:
