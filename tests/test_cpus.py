@@ -15,7 +15,7 @@ from .conftest import qemu_pids, run_cli
 MiB = 1 << 20
 
 
-@pytest.mark.parametrize("cpus", [2, 4])
+@pytest.mark.parametrize("cpus", [1, 2, 4, 8])
 async def test_flat_moves_keep_the_vcpus(host: Host, cpus: int) -> None:
     async with await host.start_guest("smp", "64M", touch=50, cpus=cpus) as g:
         await g.wait_ready(timeout=60)

@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmbeam_kvm import GuestBusyError, Host, MigrationError
+from vmbeam_kvm import GuestBusyError, Host, MigrationError, diskcheck
 from vmbeam_kvm.agent.protocol import AgentClient
 from vmbeam_kvm.migrate.faults import injected
 from vmbeam_kvm.qemu.features import Guarantees, guarantees
@@ -191,18 +192,45 @@ def http_get(lab: dict[str, Any], ip: str, tries: int = 30) -> str:
 
 
 @pytest.mark.timeout(1500)  # a Debian kernel under TCG inside TCG boots in ~5 minutes
-def test_linux_guest_network_follows_the_move(lab: dict[str, Any]) -> None:
+def test_linux_guest_network_follows_the_move(lab: dict[str, Any], tmp_path: Path) -> None:
+    """The Linux guest, with its disk workload on a beam disk (raw, in place), moves l1a >
+    l1b > l1a: its address follows it, its kernel goes on writing the disk in each cloud VM,
+    every block it acknowledged is in L0's file, which checks clean after the guest stops."""
+    disk = tmp_path / "wl.raw"
+    diskcheck.make_disk(disk, 32 * MiB)
     st = cli(lab, "guest", "start", "web", "--cloud-vm", "l1a", "--memory", "256M",
-             "--image", "linux", "--touch", "20%", timeout=1300)
+             "--image", "linux", "--touch", "20%", "--disk", str(disk), "--disk-in-place",
+             timeout=1300)
+    acked = 0
     try:
         ip = st["ip"].split("/")[0]
         assert ip and http_get(lab, ip) == "VMBEAM-LINUXGUEST"
-        res = cli(lab, "migrate", "web", "--to", "l1b")
-        assert res["guest_ok"] is True and res["ram_transferred_bytes"] < MiB
-        assert http_get(lab, ip) == "VMBEAM-LINUXGUEST"  # same address, now served from l1b
-        assert cli(lab, "guest", "status", "web")["cloud_vm"] == "l1b"
+        for dst in ("l1b", "l1a"):
+            before = wait_disk_acks(lab, "web", acked)
+            res = cli(lab, "migrate", "web", "--to", dst)
+            assert res["guest_ok"] is True and res["ram_transferred_bytes"] < MiB
+            assert res["disk_bytes_copied"] == 0
+            assert http_get(lab, ip) == "VMBEAM-LINUXGUEST"  # same address, served from dst
+            assert cli(lab, "guest", "status", "web")["cloud_vm"] == dst
+            acked = wait_disk_acks(lab, "web", before)  # its kernel writes on, in dst
+            verdict = diskcheck.check(diskcheck.read_file(disk), acked, settled=False)
+            assert verdict.ok, verdict
     finally:
         cli(lab, "guest", "stop", "web")
+    verdict = diskcheck.check(diskcheck.read_file(disk), acked, settled=False)
+    assert verdict.ok, verdict
+    clean, say = diskcheck.fsck(disk)
+    assert clean, say
+
+
+def wait_disk_acks(lab: dict[str, Any], guest: str, more_than: int) -> int:
+    """The newest block the guest's disk workload made durable, once newer than given."""
+    for _ in range(120):
+        n = int(cli(lab, "guest", "status", guest)["disk_acks"].get("vmbeam-0", 0))
+        if n > more_than:
+            return n
+        time.sleep(1)
+    raise AssertionError(f"{guest}'s disk workload made nothing durable after {more_than}")
 
 
 async def test_two_guests_into_one_cloud_vm_at_once(lab: dict[str, Any]) -> None:
@@ -232,22 +260,26 @@ async def test_two_guests_into_one_cloud_vm_at_once(lab: dict[str, Any]) -> None
     assert cli(lab, "region", "list") == []
 
 
-async def test_two_vcpu_guest_moves_with_its_vcpus(lab: dict[str, Any]) -> None:
-    """``--cpus 2`` reaches the L2 QEMU through the agent, and the incoming L2 in the
-    destination cloud VM gets the same -smp (a 1-vCPU TCG cloud VM runs it all the same)."""
+@pytest.mark.parametrize("cpus", [2, 4, 8])
+async def test_guest_moves_with_its_vcpus(lab: dict[str, Any], cpus: int) -> None:
+    """``--cpus N`` reaches the L2 QEMU through the agent, and the incoming L2 in the
+    destination cloud VM gets the same -smp (a 1-vCPU TCG cloud VM runs it all the same):
+    there and back, asked of each L2 QEMU."""
+    name = f"smp{cpus}"
     async with Host(settings_of(lab)) as host:
-        rec = await host.cloud.start_guest("smp2", "l1a", "64M", touch=50, cpus=2)
+        rec = await host.cloud.start_guest(name, "l1a", "64M", touch=50, cpus=cpus)
         try:
             assert await host.cloud.wait_heartbeat(rec, timeout=120)
-            assert len(await host.cloud.qmp(rec, "query-cpus-fast")) == 2
-            res = await host.cloud.migrate("smp2", "l1b")
-            assert res.guest_ok and res.ram_transferred_bytes < MiB
-            rec = host.store.get_guest("smp2")
-            assert rec.cloud_vm == "l1b" and rec.cpus == 2
-            assert len(await host.cloud.qmp(rec, "query-cpus-fast")) == 2
-            assert (await host.status("smp2")).cpus == 2
+            assert len(await host.cloud.qmp(rec, "query-cpus-fast")) == cpus
+            for dst in ("l1b", "l1a"):
+                res = await host.cloud.migrate(name, dst)
+                assert res.guest_ok and res.ram_transferred_bytes < MiB
+                rec = host.store.get_guest(name)
+                assert rec.cloud_vm == dst and rec.cpus == cpus
+                assert len(await host.cloud.qmp(rec, "query-cpus-fast")) == cpus
+            assert (await host.status(name)).cpus == cpus
         finally:
-            await host.stop_guest("smp2")
+            await host.stop_guest(name)
 
 
 # -- patched QEMU (README "Patched QEMU"): run against stock QEMU these report the

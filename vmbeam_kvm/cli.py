@@ -346,7 +346,9 @@ async def guest_status(ctx: click.Context, name: str, as_json: bool) -> None:
              f"  heartbeat {'seq ' + str(hb.seq) + ', round ' + str(hb.round) if hb else '-'}"
              f", memory verdict {verdict}"
              + "".join(f"\n  {d['id']} ({d['serial']}): {d['path']} {d['format']}, {d['mode']}"
-                       + (f" over {d['backing']}" if d["backing"] else "") for d in s.disks))
+                       + (f" over {d['backing']}" if d["backing"] else "")
+                       + (f", disk workload at record {s.disk_acks[d['serial']]}"
+                          if d["serial"] in s.disk_acks else "") for d in s.disks))
     _emit(as_json, s.to_json(), human)
 
 

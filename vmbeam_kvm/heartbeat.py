@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _HB_RE = re.compile(rb"^HB seq=(\d+) round=(\d+) cursor=(\d+) bad=(\d+) ok=([01])\s*$", re.M)
 _READY_RE = re.compile(rb"^READY\b", re.M)
 _BOOT_RE = re.compile(rb"^VMBEAM-\w+ boot\b", re.M)
+# The Linux guest's disk workload (images/linux/diskload.c): record n of the disk with this
+# serial is durable (vmbeam_kvm.diskcheck reads the disk against it).
+_DISK_ACK_RE = re.compile(rb"^DISK (\S+) ack=(\d+)\s*$", re.M)
 _TAIL = 16384
 
 
@@ -38,6 +41,7 @@ class SerialStatus:
     booted: bool
     ready: bool
     heartbeat: Heartbeat | None
+    disk_acks: dict[str, int] = field(default_factory=dict)  # serial -> newest durable record
 
 
 def read_status(path: Path, *, ready_known: bool = False) -> SerialStatus:
@@ -59,7 +63,8 @@ def read_status(path: Path, *, ready_known: bool = False) -> SerialStatus:
     booted = bool(_BOOT_RE.search(head)) or hb is not None or ready_known
     ready = ready_known or bool(_READY_RE.search(head) or _READY_RE.search(tail)) \
         or hb is not None
-    return SerialStatus(booted, ready, hb)
+    acks = {serial.decode(): int(n) for serial, n in _DISK_ACK_RE.findall(tail)}
+    return SerialStatus(booted, ready, hb, acks)
 
 
 async def wait_for_heartbeat(path: Path, *, after_seq: int = -1, timeout: float = 30.0,

@@ -64,7 +64,7 @@ readelf -n "$tmp/vmlinux" | grep -cE 'note type: \(0x00000012\)|PHYS32_ENTRY' >/
     || { echo "build-kernel: vmlinux has no PVH entry note" >&2; exit 1; }
 mv "$tmp/vmlinux" "$out/vmlinux"
 
-# Modules: resolve virtio_net's dependency closure from each .ko's modinfo
+# Modules: resolve virtio_net's and virtio_blk's dependency closure from each .ko's modinfo
 # strings; the .deb has no modules.dep (depmod runs at install time) and the
 # host need not have kmod.
 rm -rf "$out/modules"
@@ -80,7 +80,7 @@ add() {
     order+=("$name")
     cp "$f" "$out/modules/"
 }
-for m in virtio_pci virtio_net; do add "$m"; done
+for m in virtio_pci virtio_net virtio_blk; do add "$m"; done
 printf '%s\n' "${order[@]}" > "$out/modules/load"
 echo "$pkg $ver" > "$out/kernel.version"
 echo "build-kernel: $pkg $ver ($kver), $comp payload, modules: ${order[*]}"

@@ -31,23 +31,7 @@
 /* Checking the clock per page would dominate under TCG; 32 pages is < 1 ms. */
 #define CLOCK_EVERY 32
 
-/* One write() per line so lines never interleave with other console writers. */
-static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void say(const char *fmt, ...)
-{
-    char buf[160];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if (n > (int)sizeof(buf) - 2)
-        n = sizeof(buf) - 2;
-    buf[n++] = '\n';
-    ssize_t r = write(1, buf, n);
-    (void)r;
-}
+#include "say.h"
 
 static uint64_t now_ns(void)
 {

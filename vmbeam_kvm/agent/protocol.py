@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -76,6 +76,7 @@ class L2Status:
     agent_pid: int = 0
     heartbeat: Heartbeat | None = None
     region_id: str = ""
+    disk_acks: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> L2Status:
@@ -83,7 +84,8 @@ class L2Status:
         return cls(alive=bool(d["alive"]), run_state=d.get("run_state"),
                    pid=int(d.get("pid", 0)), agent_pid=int(d.get("agent_pid", 0)),
                    heartbeat=None if hb is None else Heartbeat(**hb),
-                   region_id=str(d.get("region_id", "")))
+                   region_id=str(d.get("region_id", "")),
+                   disk_acks={str(k): int(v) for k, v in d.get("disk_acks", {}).items()})
 
 
 GONE = L2Status(alive=False, run_state=None)

@@ -362,10 +362,11 @@ class Agent:
         if alive:
             with contextlib.suppress(VmbeamError):
                 run_state = await guest.proc.run_state()
-        hb = read_status(guest.serial).heartbeat
+        serial = read_status(guest.serial)
+        hb = serial.heartbeat
         return {"alive": alive, "run_state": run_state, "pid": guest.proc.pid,
                 "agent_pid": os.getpid(),
-                "heartbeat": None if hb is None else hb.__dict__,
+                "heartbeat": None if hb is None else hb.__dict__, "disk_acks": serial.disk_acks,
                 "region_id": guest.region.identity.region_id}
 
     async def op_stop_guest(self, name: str, kill: bool = False) -> dict[str, Any]:

@@ -45,6 +45,9 @@ class GuestStatus:
     busy: bool = False
     cpus: int = 1
     disks: list[dict[str, Any]] = field(default_factory=list)  # Disk.to_json of each
+    # The Linux guest's disk workload: the newest record it made durable, by disk serial
+    # (vmbeam_kvm.diskcheck); empty where it runs none.
+    disk_acks: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -514,7 +514,8 @@ class CloudOps:
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
             instance=rec.instance, serial_log="", cloud_vm=rec.cloud_vm, tenant=rec.tenant,
             cpus=rec.cpus,
-            ip=rec.ip, busy=busy, disks=[d.to_json() for d in disk_files.loads(rec.disks)])
+            ip=rec.ip, busy=busy, disks=[d.to_json() for d in disk_files.loads(rec.disks)],
+            disk_acks=st.disk_acks if st is not None else {})
 
     async def stop(self, rec: GuestRecord) -> None:
         await self.stop_guest(rec.name)

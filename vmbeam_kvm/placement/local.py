@@ -113,7 +113,7 @@ class LocalPlacement:
             run_state=run_state, booted=serial.booted, ready=serial.ready, heartbeat=hb,
             memory_ok=None if hb is None else hb.ok, region_id=rec.region_id,
             instance=rec.instance, serial_log=rec.serial_path, busy=busy, cpus=rec.cpus,
-            disks=[d.to_json() for d in disks.loads(rec.disks)])
+            disks=[d.to_json() for d in disks.loads(rec.disks)], disk_acks=serial.disk_acks)
 
     async def qmp(self, rec: GuestRecord, cmd: str, args: dict[str, Any] | None = None
                   ) -> Any:

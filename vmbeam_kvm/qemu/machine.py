@@ -94,7 +94,9 @@ class MachineSpec:
             args = ["-kernel", str(kernel), "-initrd", str(initrd),
                     "-append", f"console=ttyS0 quiet cryptomgr.notests mitigations=off "
                              f"panic=-1 touch={self.touch}"
-                             + (f" vmbeam.ip={self.guest_ip}" if self.guest_ip else "")]
+                             + (f" vmbeam.ip={self.guest_ip}" if self.guest_ip else "")
+                             # its disk workload, on disks made for it (vmbeam_kvm.diskcheck)
+                             + (" vmbeam.disks=1" if self.disks else "")]
         for f in files:
             if not f.is_file():
                 raise BadInputError(f"guest image {f} is missing: run `make images`")
