@@ -28,5 +28,5 @@ apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 apt-get install -y -qq gcc make python3-venv python3-dev libffi-dev busybox-static \
     lz4 cpio binutils debootstrap e2fsprogs iproute2 openssh-client openssh-server \
-    syslinux syslinux-common mtools dosfstools >/dev/null
+    syslinux syslinux-common mtools dosfstools fdisk >/dev/null
 touch "$stamp"

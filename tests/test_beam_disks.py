@@ -15,6 +15,7 @@ command returns. One lab for the module.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -185,12 +186,19 @@ async def test_beam_disk_moves_there_and_back_without_a_copy(
     assert vms["l1b"]["disks"] == sorted([overlay, user]) and vms["l1a"]["disks"] == []
 
 
+def seed_file(seed: Path, name: str) -> str:
+    """A file of a NoCloud seed, read with mtools (no mount)."""
+    return subprocess.run(["mtype", "-i", str(seed), f"::{name}"], capture_output=True,
+                          text=True, check=True).stdout
+
+
 async def test_guest_booted_from_its_qcow2_moves_there_and_back(
         lab: dict[str, Any], lab_host: Host, tmp_path: Path) -> None:
     """A guest as a user brings it: booted from their qcow2 through firmware (SeaBIOS,
-    SYSLINUX, the test guest on that disk), a data disk, 2 vCPUs and a NIC on the lab
-    network; l1a -> l1b -> l1a zero-copy with 0 disk bytes copied, every acknowledged write
-    intact, each disk plugged only where the guest runs, the user's files unchanged. The
+    SYSLINUX, the test guest on that disk), a data disk, 2 vCPUs, a NIC on the lab network
+    and a cloud-init seed (its lab address in the network config); l1a -> l1b -> l1a
+    zero-copy with 0 disk bytes copied, every acknowledged write intact, each disk plugged
+    only where the guest runs, the user's files unchanged. The
     firmware reads the disk by DMA into the L2's RAM (a mapping of /dev/mem): with O_DIRECT
     in the L2 that read failed and the guest never booted (docs/design.md §11)."""
     host = lab_host
@@ -198,23 +206,32 @@ async def test_guest_booted_from_its_qcow2_moves_there_and_back(
     shutil.copyfile(host.settings.images_dir / "testguest-disk.qcow2", boot)
     data = make_user_disk(tmp_path / "data.qcow2")
     sums = digest(str(boot)), digest(data)
+    user_data = tmp_path / "user-data"
+    user_data.write_text("#cloud-config\nwrite_files: [{path: /etc/vmbeam, content: hi}]\n")
     await host.disconnect()
     st = cli(lab, "guest", "start", "fw", "--cloud-vm", "l1a", "--memory", "64M",
-             "--cpus", "2", "--net", "--disk", str(boot), "--disk", data, timeout=600)
+             "--cpus", "2", "--net", "--disk", str(boot), "--disk", data,
+             "--cloud-init", str(user_data), timeout=600)
     try:
         assert st["image"] == "disk" and st["cpus"] == 2 and st["ip"]
-        assert [d["backing"] for d in st["disks"]] == [str(boot), data]
+        seed = host.store.guest_dir("fw") / "seed.raw"
+        assert [d["backing"] for d in st["disks"]] == [str(boot), data, str(seed)]
+        mac = host.cloud.nic_args(host.store.get_guest("fw"))["mac"]
+        assert seed_file(seed, "user-data") == user_data.read_text()
+        assert "local-hostname: fw" in seed_file(seed, "meta-data")
+        net = json.loads(seed_file(seed, "network-config"))["ethernets"]["lab0"]
+        assert net["addresses"] == [st["ip"]] and net["match"]["macaddress"] == mac
+        seed_sum = digest(str(seed))
         hb = await host.cloud.wait_heartbeat(host.store.get_guest("fw"), timeout=600)
         assert hb is not None and hb.ok  # the test guest SYSLINUX loaded from the disk
         disk = Contents(host, "fw", index=1)
         await check_plugged_only_where_it_runs(host, "fw")
-        mac = host.cloud.nic_args(host.store.get_guest("fw"))["mac"]
         for n, dst in enumerate(("l1b", "l1a")):
             await disk.write(0x70 + n, (2 + n) * MiB)
             res = await host.cloud.migrate("fw", dst)
             assert res.guest_ok is True and res.mode == "zero-copy"
             assert res.disks == [{"id": f"disk{i}", "mode": "shared", "bytes_copied": 0}
-                                 for i in (0, 1)]
+                                 for i in (0, 1, 2)]
             assert res.disk_bytes_copied == 0 and res.ram_transferred_bytes < MiB
             await check_plugged_only_where_it_runs(host, "fw")
             await disk.check(tmp_path)
@@ -223,10 +240,12 @@ async def test_guest_booted_from_its_qcow2_moves_there_and_back(
             (nic,) = await host.cloud.qmp(rec, "query-rx-filter")
             assert nic["main-mac"] == mac
         assert (await host.status("fw")).memory_ok is True
+        assert digest(str(seed)) == seed_sum  # behind its overlay, as the user's files
     finally:
         await host.disconnect()
         await host.stop_guest("fw", missing_ok=True)
     assert (digest(str(boot)), digest(data)) == sums
+    assert not host.store.state_dir.joinpath("guests", "fw").exists()  # the seed went too
     for vm in VMS:
         assert await disk_nodes(host, vm) == []
 

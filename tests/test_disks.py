@@ -370,3 +370,71 @@ async def test_flat_disk_fault(disk_guest: tuple[Guest, str], what: str, when: s
     assert res.guest_ok
     check_sole_writer(g, user)
     await disk.check(g, tmp)
+
+
+# -- cloud-init seeds ------------------------------------------------------------------------
+def seed_file(seed: Path, name: str) -> str:
+    """A file of a NoCloud seed, read with mtools (no mount)."""
+    out = subprocess.run(["mtype", "-i", str(seed), f"::{name}"], capture_output=True,
+                         text=True)
+    return out.stdout if out.returncode == 0 else f"<no {name}: {out.stderr.strip()}>"
+
+
+async def test_cloud_init_seed_moves_with_the_guest(host: Host, tmp_path: Path) -> None:
+    """``--cloud-init``: a FAT seed labelled CIDATA with the user's user-data and meta-data
+    naming the guest is its last disk (no NIC here: no network config); it moves as its
+    disks do and goes with the guest."""
+    spin = tmp_path / "spin.raw"
+    with open(spin, "wb") as f:
+        f.truncate(MiB)
+        f.write(b"\xeb\xfe" + bytes(508) + b"\x55\xaa")
+    ud = tmp_path / "user-data"
+    ud.write_text("#cloud-config\nhostname: sd\n")
+    proc = run_cli(host.settings.state_dir, "guest", "start", "sd", "--memory", "64M",
+                   "--disk", str(spin), "--cloud-init", str(ud), "--json")
+    assert proc.returncode == 0, proc.stderr
+    disks = json.loads(proc.stdout)["disks"]
+    seed = host.settings.state_dir / "guests" / "sd" / "seed.raw"
+    assert [d["user_file"] for d in disks] == [str(spin), str(seed)]
+    assert disks[1]["serial"] == "vmbeam-1" and disks[1]["user_format"] == "raw"
+    label = subprocess.run(["mlabel", "-i", str(seed), "-s", "::"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "CIDATA" in label
+    assert seed_file(seed, "user-data") == ud.read_text()
+    meta = seed_file(seed, "meta-data")
+    assert "local-hostname: sd" in meta and "instance-id: vmbeam-sd-" in meta
+    assert seed_file(seed, "network-config").startswith("<no ")
+    g = await host.guest("sd")
+    try:
+        for mode in (ZC, PC):
+            res = await g.migrate(MigrationOptions(mode=mode))
+            assert res.status == "completed" and [d["id"] for d in res.disks] == ["disk0",
+                                                                                    "disk1"]
+            check_sole_writer(g)
+    finally:
+        await host.stop_guest("sd")
+    assert not (host.settings.state_dir / "guests" / "sd").exists()
+
+
+def test_bad_cloud_init_is_refused(state_dir: Path, tmp_path: Path) -> None:
+    disk = make_user_disk(tmp_path / "d.raw")
+    good, plain = tmp_path / "ud", tmp_path / "plain"
+    good.write_text("#cloud-config\n")
+    plain.write_text("hostname: x\n")
+    big = tmp_path / "big"
+    big.write_text("#cloud-config\n" + "#" * (600 << 10))
+    copies = []
+    for i in range(8):
+        copies += ["--disk", make_user_disk(tmp_path / f"c{i}.raw")]
+    for args in (["--disk", disk, "--cloud-init", str(tmp_path / "missing")],
+                 ["--disk", disk, "--cloud-init", str(plain)],
+                 ["--disk", disk, "--cloud-init", str(big)],
+                 ["--disk", disk, "--cloud-init", str(tmp_path)],
+                 ["--image", "test", "--disk", disk, "--cloud-init", str(good)],
+                 ["--cloud-init", str(good)],
+                 [*copies, "--cloud-init", str(good)]):
+        proc = run_cli(state_dir, "guest", "start", "ci", "--memory", "64M", *args, "--json")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (state_dir / "guests" / "ci").exists()
+    assert qemu_pids(str(state_dir)) == []

@@ -233,6 +233,12 @@ async def bench_flat(host: Host, sizes: Sequence[int], *, repeat: int = 3, touch
     return rows
 
 
+async def _into(host: Host, name: str, to: str, options: MigrationOptions
+                ) -> MigrationResult:
+    """Move guest ``name`` into cloud VM ``to`` with ``options`` (a bench's one move)."""
+    return await host.cloud.migrate(name, to, options=options)
+
+
 async def _move(migrate: Callable[[MigrationOptions], Awaitable[MigrationResult]],
                 row: BenchRow, options: MigrationOptions, what: str,
                 progress: Callable[[str], None]) -> MigrationResult | None:
@@ -450,7 +456,7 @@ async def bench_nested(host: Host, sizes: Sequence[int], *, cloud_vms: tuple[str
                         if row.failures and row.failures[-1].startswith("refused"):
                             continue  # asked once: the answer will not change
                         try:
-                            res = await _move(functools.partial(host.cloud.migrate, name, to),
+                            res = await _move(functools.partial(_into, host, name, to),
                                               row, MigrationOptions(
                                 mode=mode, tail_window=tail_window),
                                 f"{what} {mode.value} #{i + 1} -> {to}", progress)

@@ -37,6 +37,7 @@ from .errors import (
 )
 from .host import CLOUD_VM_NAME_MAX, Host, check_guest_memory, check_huge_pages, check_tail_window
 from .migrate.model import MigrationMode, MigrationOptions, ProgressEvent
+from .seed import read_user_data
 from .units import check_name, format_size, parse_percent, parse_size
 
 P = ParamSpec("P")
@@ -259,6 +260,10 @@ def guest() -> None:
               "it is a beam disk (README).")
 @click.option("--disk-in-place", is_flag=True,
               help="The guest writes its --disk files themselves (no overlay).")
+@click.option("--cloud-init", "cloud_init", metavar="USER-DATA",
+              help="A user-data file for the guest's own OS (cloud-init): given as a NoCloud "
+              "seed disk, its last, with meta-data naming the guest and (with a NIC) its "
+              "lab address.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the guest's first heartbeat (test and linux images; a guest "
               "booted from its disk is running once its QEMU runs).")
@@ -269,7 +274,7 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str | N
                       touch: str,
                       qemu: str | None, cloud_vm: str | None, net: bool | None,
                       hugepages: bool, cpus: int, disks: tuple[str, ...], disk_in_place: bool,
-                      wait: bool, as_json: bool) -> None:
+                      cloud_init: str | None, wait: bool, as_json: bool) -> None:
     """Start guest NAME with its RAM in a new beam region."""
     # What needs no store is refused before the state directory is touched.
     check_name(name)
@@ -278,7 +283,8 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str | N
     async with Host(_settings(ctx)) as host:
         _, _, img = host.check_new_guest(name, memory, image=image, touch=touch, qemu=qemu,
                                          cloud_vm=cloud_vm, hugepages=hugepages, cpus=cpus,
-                                         disks=disks, disk_in_place=disk_in_place)
+                                         disks=disks, disk_in_place=disk_in_place,
+                                         cloud_init=cloud_init)
         image, wait = img.value, wait and img.heartbeats
         where = f" in cloud VM {cloud_vm}" if cloud_vm else ""
         _progress(f"starting guest {name}{where} ({memory}, {cpus} vCPU"
@@ -288,7 +294,8 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str | N
             rec = await host.cloud.start_guest(
                 name, cloud_vm, memory, image=image, touch=touch, net=net, cpus=cpus,
                 disks=host.check_disks(disks, in_place=disk_in_place, beam=True),
-                disk_in_place=disk_in_place)
+                disk_in_place=disk_in_place,
+                user_data=None if cloud_init is None else read_user_data(cloud_init))
             try:
                 if wait and await host.cloud.wait_heartbeat(rec, timeout=1200) is None:
                     raise LaunchError(f"guest {name!r} sent no heartbeat in {cloud_vm}")
@@ -300,7 +307,7 @@ async def guest_start(ctx: click.Context, name: str, memory: str, image: str | N
             return
         g = await host.start_guest(name, memory, image=image, touch=touch, qemu=qemu,
                                    hugepages=hugepages, cpus=cpus, disks=disks,
-                                   disk_in_place=disk_in_place)
+                                   disk_in_place=disk_in_place, cloud_init=cloud_init)
         if wait:
             timeout = 120 + 30 * parse_size(memory) / (1 << 30) + (240 if image == "linux"
                                                                    else 0)

@@ -64,6 +64,7 @@ from .qemu.machine import GuestImage, MachineSpec, RamBackend
 from .qemu.process import QemuProcess, kill_strays
 from .region import check_huge_pages
 from .runtime import Runtime, to_the_end
+from .seed import read_user_data, seed_disk
 from .store import GuestRecord, GuestState, MigrationPhase, Store
 from .units import check_name, parse_percent, parse_size, shown
 
@@ -192,12 +193,21 @@ class Host:
                         cloud_vm: str | None = None,
                         hugepages: bool = False, cpus: int = 1,
                         disks: list[str] | tuple[str, ...] = (),
-                        disk_in_place: bool = False) -> tuple[int, int, GuestImage]:
+                        disk_in_place: bool = False,
+                        cloud_init: str | None = None) -> tuple[int, int, GuestImage]:
         """Every check :meth:`start_guest` makes before it writes or starts anything:
         returns (memory bytes, touch percent, image) or raises :class:`BadInputError`."""
         size = parse_size(memory)
         pct = parse_percent(touch)
         img = GuestImage.resolve(image, bool(disks))
+        if cloud_init is not None:
+            read_user_data(cloud_init)
+            if img is not GuestImage.DISK:
+                raise BadInputError("--cloud-init seeds the guest's own OS: it applies to a "
+                                    "guest that boots its first disk (--image disk)")
+            if len(disks) >= disk_files.MAX_DISKS:
+                raise BadInputError(f"--cloud-init adds a disk (its seed): at most "
+                                    f"{disk_files.MAX_DISKS - 1} --disk with it")
         if not isinstance(backend, RamBackend):
             raise BadInputError(f"unknown RAM backend {shown(backend)}")
         check_new_guest(self.store, name, size, in_cloud_vm=cloud_vm is not None)
@@ -270,7 +280,7 @@ class Host:
                           cloud_vm: str | None = None, net: bool | None = None,
                           hugepages: bool = False, cpus: int = 1,
                           disks: list[str] | tuple[str, ...] = (),
-                          disk_in_place: bool = False) -> Guest:
+                          disk_in_place: bool = False, cloud_init: str | None = None) -> Guest:
         """Start a guest whose RAM is a new beam region; returns once QEMU answers QMP.
 
         With ``cloud_vm`` the guest runs inside that cloud VM (its region hot-plugged there;
@@ -279,20 +289,23 @@ class Host:
         vCPU count, 1-64, in either topology; ``disks`` are qcow2/raw files on this host,
         each behind a qcow2 overlay in the guest's state directory unless
         ``disk_in_place``: see :mod:`vmbeam_kvm.disks`; in a cloud VM they are beam disks,
-        L0's files hot-plugged there). Raises
-        BadInputError (nothing changed) or LaunchError (everything started is undone).
+        L0's files hot-plugged there); ``cloud_init``: a user-data file, given to the
+        guest's own OS (``image`` disk) as a NoCloud seed, its last disk (:mod:`.seed`).
+        Raises BadInputError (nothing changed) or LaunchError (everything started is undone).
         """
         # All of it checked before anything is recorded, created or started.
         size, pct, img = self.check_new_guest(name, memory, image=image, touch=touch,
                                               qemu=qemu, backend=backend, cloud_vm=cloud_vm,
                                               hugepages=hugepages, cpus=cpus, disks=disks,
-                                              disk_in_place=disk_in_place)
+                                              disk_in_place=disk_in_place,
+                                              cloud_init=cloud_init)
+        user_data = None if cloud_init is None else read_user_data(cloud_init)
         if cloud_vm is not None:
             await self.cloud.start_guest(name, cloud_vm, size, image=img.value, touch=pct,
                                          net=net, cpus=cpus,
                                          disks=self.check_disks(disks, in_place=disk_in_place,
                                                                 beam=True),
-                                         disk_in_place=disk_in_place)
+                                         disk_in_place=disk_in_place, user_data=user_data)
             return Guest(self, name)
         qemu_path = self.settings.resolve_qemu(qemu)
         accel = await resolve_accel(self.settings.accel, qemu_path, self.settings.images_dir,
@@ -307,6 +320,9 @@ class Host:
         self.store.add_guest(rec)  # reserves the name atomically
         try:
             with self.store.lock_guest(name):
+                if user_data is not None:
+                    checked.append(seed_disk(self.store.guest_dir(name), name=name,
+                                             user_data=user_data))
                 if checked:
                     made = disk_files.new_disks(self.store.guest_dir(name), checked,
                                                 in_place=disk_in_place)

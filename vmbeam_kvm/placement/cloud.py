@@ -53,6 +53,7 @@ from ..qemu.machine import GuestImage
 from ..qemu.process import ProcessRef, QemuProcess, kill_strays
 from ..region import BeamRegion
 from ..runtime import Runtime
+from ..seed import seed_disk
 from ..store import GuestRecord, GuestState
 from ..units import check_name, parse_percent, parse_size
 from . import GuestStatus
@@ -375,13 +376,15 @@ class CloudOps:
                           image: str | None = None, touch: int | str = 70,
                           net: bool | None = None, cpus: int = 1,
                           disks: list[tuple[Path, str, bool]] | None = None,
-                          disk_in_place: bool = False) -> GuestRecord:
+                          disk_in_place: bool = False,
+                          user_data: str | None = None) -> GuestRecord:
         """Create the guest's region on L0, attach it to ``cloud_vm``, start the L2 there.
 
         ``net`` gives the guest a NIC on the lab network (default: for Linux guests);
         ``disks``: files checked by :meth:`~vmbeam_kvm.host.Host.check_disks` (``beam``),
         given to it as beam disks (an overlay each in its state dir unless
-        ``disk_in_place``).
+        ``disk_in_place``); ``user_data``: a NoCloud seed follows them (:mod:`..seed`),
+        with the guest's lab address in its network config.
         Raises BadInputError (nothing changed) or the error that stopped it (everything
         started is undone).
         """
@@ -394,12 +397,13 @@ class CloudOps:
         # away beneath a guest starting in it.
         with self.store.lock_cloud_vm(cloud_vm, shared=True):
             return await self._start_guest(name, self.running_vm(cloud_vm), size, pct,
-                                           img.value, net, cpus, disks or [], disk_in_place)
+                                           img.value, net, cpus, list(disks or []),
+                                           disk_in_place, user_data)
 
     async def _start_guest(self, name: str, vm: CloudVMRecord, size: int, pct: int,
                            image: str, net: bool | None, cpus: int,
                            checked: list[tuple[Path, str, bool]],
-                           in_place: bool) -> GuestRecord:
+                           in_place: bool, user_data: str | None = None) -> GuestRecord:
         rec = GuestRecord(name=name, image=image, memory=size, touch=pct, accel="tcg",
                           qemu="qemu-system-x86_64", state=GuestState.STARTING,
                           cloud_vm=vm.name, tenant=vm.tenant, cpus=cpus)
@@ -412,6 +416,11 @@ class CloudOps:
                 self.store.add_region(reg.region_id, name, vm.tenant, size, reg.size)
                 rec.region_id = reg.region_id
                 made: tuple[disk_files.Disk, ...] = ()
+                if user_data is not None:
+                    nic = self.nic_args(rec)
+                    checked.append(seed_disk(
+                        self.store.guest_dir(name), name=name, user_data=user_data,
+                        net=(rec.ip, self.lab(vm).gateway, nic["mac"]) if rec.ip else None))
                 if checked:
                     made = disk_files.new_disks(self.store.guest_dir(name), checked,
                                                 in_place=in_place, beam=True)
