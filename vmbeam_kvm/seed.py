@@ -52,10 +52,13 @@ def meta_data(name: str, instance: str) -> str:
 
 
 def network_config(ip: str, gateway: str, mac: str) -> str:
-    """Version 2 network config: the NIC with ``mac`` gets ``ip`` (address/prefix)."""
+    """Version 2 network config: the NIC with ``mac`` gets ``ip`` (address/prefix) and the
+    default route. ``gateway4``, not ``routes``: Debian 12's cloud-init renders routes for
+    ifupdown as ``route add`` (net-tools, not in a minimal image), a gateway as ifupdown's own
+    ``gateway`` line; netplan (Ubuntu) takes either."""
     cfg = {"version": 2, "ethernets": {"lab0": {
         "match": {"macaddress": mac}, "set-name": "eth0", "addresses": [ip],
-        "routes": [{"to": "0.0.0.0/0", "via": gateway}]}}}
+        "gateway4": gateway}}}
     return json.dumps(cfg, indent=1) + "\n"  # JSON is YAML
 
 

@@ -55,9 +55,13 @@ save_debs
 inch apt-get clean
 
 # cloud-init: only the NoCloud seed (vmbeam-kvm's --cloud-init) is looked for, so a guest
-# without one does not wait on network datasources.
+# without one does not wait on network datasources; one SSH host key type (an RSA-3072 key
+# alone took 10 s of a 55 s first boot under TCG); no GRUB here; C.UTF-8 needs no locale-gen.
 cat > "$tree/etc/cloud/cloud.cfg.d/90-vmbeam.cfg" <<'CFG'
 datasource_list: [NoCloud, None]
+ssh_genkeytypes: [ed25519]
+locale: C.UTF-8
+grub_dpkg: {enabled: false}
 CFG
 cat > "$tree/etc/fstab" <<'FSTAB'
 LABEL=debian-root / ext4 errors=remount-ro 0 1
