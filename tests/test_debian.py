@@ -61,6 +61,15 @@ def wait_tick(log: Path, timeout: float) -> str:
     raise AssertionError(f"no tick from the Debian guest in {log} for {timeout:.0f} s")
 
 
+def wait_for(log: Path, text: bytes, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_bytes():
+            return True
+        time.sleep(1)
+    return False
+
+
 async def test_debian_boots_with_its_seed_and_moves(host: Host, tmp_path: Path) -> None:
     """On this host: SeaBIOS, SYSLINUX, Debian's kernel and initramfs, systemd, cloud-init
     from the NoCloud seed (its write_files and runcmd run); zero-copy, precopy and
@@ -75,8 +84,8 @@ async def test_debian_boots_with_its_seed_and_moves(host: Host, tmp_path: Path) 
     g = await host.start_guest("deb", "512M", disks=[str(image)], cloud_init=str(ud))
     try:
         token = wait_tick(Path(g.record.serial_path), 600)
-        log = Path(g.record.serial_path).read_bytes()
-        assert b"Datasource DataSourceNoCloud" in log  # cloud-init found the seed
+        # cloud-init found the seed (its last line comes after runcmd started the ticks)
+        assert wait_for(Path(g.record.serial_path), b"Datasource DataSourceNoCloud", 120)
         for mode in (MigrationMode.ZERO_COPY, MigrationMode.PRECOPY, MigrationMode.ZERO_COPY):
             res = await g.migrate(MigrationOptions(mode=mode))
             assert res.status == "completed" and res.guest_ok is None  # no heartbeats
